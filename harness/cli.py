@@ -1,2 +1,46 @@
-def main(argv=None):
-    raise SystemExit("harness: CLI under construction")
+"""`harness` command line: one entry point, subcommands dispatched to their modules.
+
+    harness inspect --preset paper/mope_swin_b_k4 [--json]
+    harness prep DATASET --src RAW_DIR --out SHARD_DIR      (converters: food101, mmimdb, snli_ve, mustard, demo)
+    harness prep --verify SHARD_DIR
+    harness prep --fewshot SHARD_DIR --shots 100,1000 --seed 0
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+COMMANDS = {
+    "inspect": ("harness.inspect_cmd", "main", "parameter counts and attention lengths of a model preset"),
+    "prep": ("datasets_prep.cli", "main", "convert raw datasets to WebDataset shards, verify, few-shot subsets"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: harness COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<10}{doc}" for name, (_, _, doc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"harness: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    import importlib
+
+    mod_name, fn_name, _ = COMMANDS[cmd]
+    if cmd == "prep" and "--fewshot" in rest:
+        mod_name, fn_name = "datasets_prep.fewshot", "fewshot_main"
+    fn = getattr(importlib.import_module(mod_name), fn_name)
+    return int(fn(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

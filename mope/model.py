@@ -1,0 +1,242 @@
+"""The fusion model: a main encoder driven by a :class:`~mope.prompts.PromptGenerator`, a complementary encoder whose
+feature ψ conditions the router and the mapper, and a linear head. Every method of the paper (MoPE and the baselines
+of Table 1/2, the vanilla-prompt arm of Fig. 4) is a configuration of these parts (:mod:`mope.methods`).
+
+Batch contract (built by the data loader; no tokenization here):
+    image (B,3,H,W) float; input_ids / attention_mask / token_type_ids (B,T) long;
+    optional comp_feat (B, d): precomputed feature of a black-box complementary encoder (feature cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mope.backbones import DEFAULT_ROUTE_BLOCK0, DEFAULT_X0_POOL, PromptableEncoder, create_encoder
+from mope.config import EncoderConfig, FusionConfig, Method, MoPEConfig, Task
+from mope.methods import METHODS, MethodSpec, comp_prompt_len, main_prompt_config
+from mope.prompts import PromptGenerator, RoutingStats
+
+
+@dataclass
+class FusionOutput:
+    logits: Tensor
+    aux_loss: Tensor  # w_imp · L_imp (0 when no routing)
+    imp_loss: Tensor | None
+    routing: RoutingStats | None
+    features: Tensor  # what the head read
+
+
+def _inputs_for(kind: str, batch: Mapping[str, Any]) -> Any:
+    if kind == "hf_bert":
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    return batch["image"]
+
+
+class FusionModel(nn.Module):
+    """Frozen encoders + trainable prompts/router/mapper/head, per ``cfg.method``."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.spec: MethodSpec = METHODS[cfg.method]
+        main_cfg, comp_cfg = (cfg.vision, cfg.text) if cfg.main == "vision" else (cfg.text, cfg.vision)
+        self.main_kind, self.comp_kind = main_cfg.kind, comp_cfg.kind
+        self.main_modality = cfg.main
+        self.comp_modality = "text" if cfg.main == "vision" else "vision"
+        pcfg = main_prompt_config(cfg)
+        self.prompt_cfg = pcfg
+        m = pcfg or cfg.mope
+        x0_pool = DEFAULT_X0_POOL[main_cfg.kind] if m.x0_pool == "auto" else m.x0_pool
+        self.main_encoder: PromptableEncoder | None = None
+        if self.spec.use_main:
+            self.main_encoder = create_encoder(
+                main_cfg,
+                x0_pool=x0_pool,
+                window_prompt_layout=m.window_prompt_layout.value,
+                pool_includes_prompts=m.pool_includes_prompts,
+            )
+        self.comp_encoder: PromptableEncoder | None = None
+        if self.spec.use_comp:
+            self.comp_encoder = create_encoder(comp_cfg, x0_pool=DEFAULT_X0_POOL[comp_cfg.kind])
+        comp_dim = self.comp_encoder.layout.out_dim if self.comp_encoder is not None else 0
+        self.comp_dim = comp_dim
+
+        self.main_prompts: PromptGenerator | None = None
+        if pcfg is not None and self.main_encoder is not None:
+            self.main_prompts = PromptGenerator(
+                pcfg, self.main_encoder.layout, comp_dim, route_block0_default=DEFAULT_ROUTE_BLOCK0[main_cfg.kind]
+            )
+        self.comp_prompts: PromptGenerator | None = None
+        lp = comp_prompt_len(cfg)
+        if lp > 0 and self.comp_encoder is not None:
+            ccfg = MoPEConfig(
+                prompt_len=lp,
+                use_static=True,
+                use_dynamic=False,
+                use_mapped=False,
+                prompt_dropout=cfg.comp_prompt_dropout,
+                prompt_dropout_targets="all",
+                prompt_init_scale=cfg.comp_prompt_init_scale,
+                route_block0=True,
+            )
+            self.comp_prompts = PromptGenerator(ccfg, self.comp_encoder.layout, 0, route_block0_default=True)
+
+        head_in = {
+            "main": self.main_encoder.layout.out_dim if self.main_encoder else 0,
+            "comp": comp_dim,
+            "concat": (self.main_encoder.layout.out_dim if self.main_encoder else 0) + comp_dim,
+        }[self.spec.head_input]
+        self.head = nn.Linear(head_in, cfg.num_classes)
+        self.set_trainable()
+
+    # -- trainable set ---------------------------------------------------------------------------------------------
+    def set_trainable(self) -> None:
+        """Freezes everything, then enables exactly the method's trainable set."""
+        self.requires_grad_(False)
+        for mod in (self.main_prompts, self.head):
+            if mod is not None:
+                mod.requires_grad_(True)
+        if self.comp_prompts is not None:
+            self.comp_prompts.requires_grad_(self.cfg.comp_tuned)
+        for gen in (self.main_prompts, self.comp_prompts):
+            if gen is None:
+                continue
+            for blk in gen.blocks:  # frozen routing keys are buffers already; learned keys are Parameters
+                if isinstance(getattr(blk, "keys", None), nn.Parameter):
+                    blk.keys.requires_grad_(True)
+        if self.spec.train_main and self.main_encoder is not None:
+            self.main_encoder.requires_grad_(True)
+        if self.spec.train_comp and self.comp_encoder is not None:
+            self.comp_encoder.requires_grad_(True)
+
+    @property
+    def comp_is_blackbox(self) -> bool:
+        """True when ψ depends on nothing trainable: features can be computed once and cached per dataset."""
+        return (
+            self.comp_encoder is not None
+            and not self.spec.train_comp
+            and (self.comp_prompts is None or not self.cfg.comp_tuned)
+        )
+
+    def train(self, mode: bool = True) -> "FusionModel":
+        super().train(mode)
+        # Frozen encoders keep their own dropout / drop-path as in the reference: Swin blocks are in eval mode
+        # (its train() override), BERT's dropout stays active. Fine-tuned encoders train normally.
+        if self.main_encoder is not None and not self.spec.train_main and self.main_kind.startswith("timm"):
+            self.main_encoder.eval()
+        if self.comp_is_blackbox and self.comp_encoder is not None:
+            self.comp_encoder.eval()
+        return self
+
+    # -- forward -----------------------------------------------------------------------------------------------------
+    def complementary_feature(self, batch: Mapping[str, Any]) -> Tensor | None:
+        if self.comp_encoder is None:
+            return None
+        if "comp_feat" in batch and self.comp_is_blackbox:
+            return batch["comp_feat"]
+        inputs = _inputs_for(self.comp_kind, batch)
+        if self.comp_is_blackbox:
+            with torch.no_grad():
+                return self.comp_encoder(inputs, None)
+        prompter = self.comp_prompts.bind(None, _batch_size(inputs)) if self.comp_prompts is not None else None
+        return self.comp_encoder(inputs, prompter)
+
+    def forward(self, batch: Mapping[str, Any]) -> FusionOutput:
+        psi = self.complementary_feature(batch)
+        routing, imp = None, None
+        feats = []
+        if self.main_encoder is not None:
+            inputs = _inputs_for(self.main_kind, batch)
+            p = self.main_prompts.bind(psi, _batch_size(inputs)) if self.main_prompts is not None else None
+            pooled = self.main_encoder(inputs, p)
+            if p is not None:
+                routing, imp = p.routing_stats(), p.importance_loss()
+            feats.append(pooled)
+        if self.spec.head_input in ("comp", "concat"):
+            feats.append(psi)
+        if self.spec.head_input == "comp":
+            feats = feats[-1:]
+        features = torch.cat(feats, dim=-1) if len(feats) > 1 else feats[0]
+        logits = self.head(features)
+        w = self.prompt_cfg.imp_loss_weight if self.prompt_cfg is not None else 0.0
+        aux = w * imp if (imp is not None and w > 0) else logits.new_zeros(())
+        return FusionOutput(logits=logits, aux_loss=aux, imp_loss=imp, routing=routing, features=features)
+
+    # -- accounting ---------------------------------------------------------------------------------------------------
+    def component_of(self, name: str) -> str:
+        head, _, rest = name.partition(".")
+        if head == "main_prompts":
+            if rest.startswith("mapper."):
+                return "mapper"
+            if ".w_x." in f".{rest}" or rest.startswith("w_y.") or rest.endswith(".keys"):
+                return "router"
+            return f"{self.main_modality} prompts"
+        if head == "comp_prompts":
+            return f"{self.comp_modality} prompts"
+        if head == "main_encoder":
+            return f"{self.main_modality} encoder"
+        if head == "comp_encoder":
+            return f"{self.comp_modality} encoder"
+        return head
+
+    def parameter_report(self) -> dict[str, Any]:
+        comps: dict[str, dict[str, int]] = {}
+        for n, p in self.named_parameters():
+            c = comps.setdefault(self.component_of(n), {"trainable": 0, "total": 0})
+            c["total"] += p.numel()
+            if p.requires_grad:
+                c["trainable"] += p.numel()
+        trainable = sum(c["trainable"] for c in comps.values())
+        total = sum(c["total"] for c in comps.values())
+        return {"trainable": trainable, "total": total, "components": comps}
+
+
+def _batch_size(inputs: Any) -> int:
+    if isinstance(inputs, Tensor):
+        return inputs.shape[0]
+    return next(iter(inputs.values())).shape[0]
+
+
+def build_model(cfg: FusionConfig | Mapping[str, Any]) -> FusionModel:
+    if not isinstance(cfg, FusionConfig):
+        cfg = FusionConfig.from_dict(dict(cfg))
+    return FusionModel(cfg)
+
+
+# -- losses and metrics inputs ---------------------------------------------------------------------------------------
+def task_loss(logits: Tensor, labels: Tensor, task: Task) -> Tensor:
+    """CE for single-label tasks (Food-101, SNLI-VE, demo), BCE-with-logits on multi-hot targets (MM-IMDB)."""
+    if task == Task.MULTI_LABEL:
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+    return F.cross_entropy(logits, labels)
+
+
+def predictions(logits: Tensor, task: Task) -> Tensor:
+    """argmax for single-label; sigmoid(logit) > 0.5 for multi-label (the reference's eval rule)."""
+    if task == Task.MULTI_LABEL:
+        return (logits.sigmoid() > 0.5).long()
+    return logits.argmax(dim=-1)
+
+
+def with_method(cfg: FusionConfig, method: Method | str, **mope_overrides: Any) -> FusionConfig:
+    """A copy of cfg with another method (and optional cfg.mope overrides): sweeps pair arms this way."""
+    mope_cfg = dataclasses.replace(cfg.mope, **mope_overrides) if mope_overrides else cfg.mope
+    return dataclasses.replace(cfg, method=Method(method), mope=mope_cfg)
+
+
+__all__ = [
+    "EncoderConfig",
+    "FusionConfig",
+    "FusionModel",
+    "FusionOutput",
+    "build_model",
+    "predictions",
+    "task_loss",
+    "with_method",
+]

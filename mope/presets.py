@@ -1,0 +1,66 @@
+"""Named model presets (`harness inspect --preset NAME`): the paper's architectures, built without downloading.
+
+``paper/*`` follow the paper where it and the code differ (mope-reference §1.11): every prompt-tuned block is routed
+(``route_block0=True``; the official code skips block 0 of each Swin stage but still allocates its prompts and router),
+head sized for SNLI-VE (3 classes, Table 1's first column). ``reference/*`` follow the official code's structure
+(block 0 of each stage unrouted, a shallow prompt at stage 0) — their encoder-side count is the 1,483,592 of
+mope-reference §8 test 4 for k=4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from mope.config import EncoderConfig, FusionConfig, Method, MoPEConfig
+
+SWIN_B = EncoderConfig(kind="timm_swin", name="swin_base_patch4_window7_224")
+VIT_B = EncoderConfig(kind="timm_vit", name="vit_base_patch16_224")
+BERT_B = EncoderConfig(kind="hf_bert", name="bert-base-uncased", pool="cls")
+
+PAPER_CLASSES = {"snli_ve": 3, "food101": 101, "mmimdb": 23}
+
+
+def _paper(method: Method, vision: EncoderConfig = SWIN_B, *, k: int = 16, route_block0: bool | None = True,
+           classes: int = 3, **kw) -> FusionConfig:
+    return FusionConfig(
+        method=method,
+        vision=dataclasses.replace(vision),
+        text=dataclasses.replace(BERT_B),
+        num_classes=classes,
+        mope=MoPEConfig(num_experts=k, prompt_len=6, route_block0=route_block0),
+        **kw,
+    )
+
+
+PRESETS: dict[str, Callable[[], FusionConfig]] = {
+    "paper/mope_swin_b_k4": lambda: _paper(Method.MOPE, k=4),
+    "paper/mope_swin_b_k16": lambda: _paper(Method.MOPE, k=16),
+    "paper/mope_vit_b_k4": lambda: _paper(Method.MOPE, VIT_B, k=4),
+    "reference/mope_swin_b_k4": lambda: _paper(Method.MOPE, k=4, route_block0=False),
+    "reference/mope_swin_b_k16": lambda: _paper(Method.MOPE, k=16, route_block0=False),
+    "paper/vanilla_prompt_swin_b_L199": lambda: _paper(Method.VANILLA_PROMPT, k=32),
+}
+for _m in (
+    Method.IMG_ONLY,
+    Method.TEXT_ONLY,
+    Method.LATE_CONCAT,
+    Method.SEQUENTIAL_FUSE,
+    Method.P_IMG_ONLY,
+    Method.P_TEXT_ONLY,
+    Method.P_LATE_CONCAT,
+    Method.P_SEQUENTIAL_FUSE,
+    Method.PROMPTFUSE,
+):
+    PRESETS[f"paper/{_m.value}_swin_b"] = (lambda m=_m: _paper(m))
+
+
+def get_preset(name: str) -> FusionConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; available: {sorted(PRESETS)}") from None
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)
