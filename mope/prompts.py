@@ -185,12 +185,14 @@ class PromptGenerator(nn.Module):
         self.w_y = nn.Linear(comp_dim, nr * cfg.d_cross) if (nr and cfg.d_cross > 0) else None  # all W_y in one GEMM
         # Mapper: one up-projection per stage (multi-width encoders) or per group of consecutive layers.
         if len(layout.stage_dims) > 1:
-            self._group_of = list(layout.block_stage)
-            group_dims = layout.stage_dims
+            group_of = list(layout.block_stage)
         else:
             g = min(cfg.mapper_up_groups, n)
-            self._group_of = [b * g // n for b in range(n)]
-            group_dims = [layout.block_dims[0]] * g
+            group_of = [b * g // n for b in range(n)]
+        # Only groups that actually receive fresh prompts get an up-projection (shallow prompting: just block 0's).
+        used = sorted({group_of[b] for b in self.fresh_blocks})
+        self._group_of = {b: used.index(group_of[b]) for b in self.fresh_blocks}
+        group_dims = [layout.block_dims[group_of.index(gr)] for gr in used]
         if cfg.use_mapped:
             bottleneck = cfg.mapper_bottleneck or max(1, comp_dim // 2)
             self.mapper = Mapper(comp_dim, bottleneck, group_dims, bn=cfg.mapper_bn, up_gelu=cfg.mapper_up_gelu)
