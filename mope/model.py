@@ -41,7 +41,15 @@ def _inputs_for(kind: str, batch: Mapping[str, Any]) -> Any:
 class FusionModel(nn.Module):
     """Frozen encoders + trainable prompts/router/mapper/head, per ``cfg.method``."""
 
-    def __init__(self, cfg: FusionConfig):
+    def __init__(self, cfg: FusionConfig, comp_module: nn.Module | None = None):
+        """Args:
+            cfg: the model configuration.
+            comp_module: optional custom complementary encoder: any module mapping the batch's inputs of the
+                complementary modality to a (B, out_dim) vector, with an ``out_dim`` attribute (e.g. a frozen
+                sentence encoder, :class:`~mope.backbones.blackbox.BagOfWordsEncoder`). It replaces ``cfg.text``
+                (or ``cfg.vision`` when text is main); it is never prompt-tuned; its own ``requires_grad`` flags
+                decide what trains (BoW's projector does, the embeddings don't).
+        """
         super().__init__()
         self.cfg = cfg
         self.spec: MethodSpec = METHODS[cfg.method]
@@ -61,10 +69,16 @@ class FusionModel(nn.Module):
                 window_prompt_layout=m.window_prompt_layout.value,
                 pool_includes_prompts=m.pool_includes_prompts,
             )
-        self.comp_encoder: PromptableEncoder | None = None
+        self.comp_encoder: nn.Module | None = None
+        self.comp_is_custom = comp_module is not None
         if self.spec.use_comp:
-            self.comp_encoder = create_encoder(comp_cfg, x0_pool=DEFAULT_X0_POOL[comp_cfg.kind])
-        comp_dim = self.comp_encoder.layout.out_dim if self.comp_encoder is not None else 0
+            if comp_module is not None:
+                if not hasattr(comp_module, "out_dim"):
+                    raise ValueError("comp_module needs an `out_dim` attribute (width of its output vector)")
+                self.comp_encoder = comp_module
+            else:
+                self.comp_encoder = create_encoder(comp_cfg, x0_pool=DEFAULT_X0_POOL[comp_cfg.kind])
+        comp_dim = _out_dim(self.comp_encoder) if self.comp_encoder is not None else 0
         self.comp_dim = comp_dim
 
         self.main_prompts: PromptGenerator | None = None
@@ -74,7 +88,7 @@ class FusionModel(nn.Module):
             )
         self.comp_prompts: PromptGenerator | None = None
         lp = comp_prompt_len(cfg)
-        if lp > 0 and self.comp_encoder is not None:
+        if lp > 0 and self.comp_encoder is not None and not self.comp_is_custom:
             ccfg = MoPEConfig(
                 prompt_len=lp,
                 use_static=True,
@@ -87,18 +101,18 @@ class FusionModel(nn.Module):
             )
             self.comp_prompts = PromptGenerator(ccfg, self.comp_encoder.layout, 0, route_block0_default=True)
 
-        head_in = {
-            "main": self.main_encoder.layout.out_dim if self.main_encoder else 0,
-            "comp": comp_dim,
-            "concat": (self.main_encoder.layout.out_dim if self.main_encoder else 0) + comp_dim,
-        }[self.spec.head_input]
+        main_dim = self.main_encoder.layout.out_dim if self.main_encoder else 0
+        head_in = {"main": main_dim, "comp": comp_dim, "concat": main_dim + comp_dim}[self.spec.head_input]
         self.head = nn.Linear(head_in, cfg.num_classes)
         self.set_trainable()
 
     # -- trainable set ---------------------------------------------------------------------------------------------
     def set_trainable(self) -> None:
         """Freezes everything, then enables exactly the method's trainable set."""
+        custom = {n: p.requires_grad for n, p in self.comp_encoder.named_parameters()} if self.comp_is_custom else {}
         self.requires_grad_(False)
+        for n, p in self.comp_encoder.named_parameters() if self.comp_is_custom else ():
+            p.requires_grad_(custom[n])
         for mod in (self.main_prompts, self.head):
             if mod is not None:
                 mod.requires_grad_(True)
@@ -118,11 +132,11 @@ class FusionModel(nn.Module):
     @property
     def comp_is_blackbox(self) -> bool:
         """True when ψ depends on nothing trainable: features can be computed once and cached per dataset."""
-        return (
-            self.comp_encoder is not None
-            and not self.spec.train_comp
-            and (self.comp_prompts is None or not self.cfg.comp_tuned)
-        )
+        if self.comp_encoder is None or self.spec.train_comp:
+            return False
+        if self.comp_is_custom:
+            return not any(p.requires_grad for p in self.comp_encoder.parameters())
+        return self.comp_prompts is None or not self.cfg.comp_tuned
 
     def train(self, mode: bool = True) -> "FusionModel":
         super().train(mode)
@@ -141,6 +155,8 @@ class FusionModel(nn.Module):
         if "comp_feat" in batch and self.comp_is_blackbox:
             return batch["comp_feat"]
         inputs = _inputs_for(self.comp_kind, batch)
+        if self.comp_is_custom:
+            return self.comp_encoder(inputs)
         if self.comp_is_blackbox:
             with torch.no_grad():
                 return self.comp_encoder(inputs, None)
@@ -197,16 +213,21 @@ class FusionModel(nn.Module):
         return {"trainable": trainable, "total": total, "components": comps}
 
 
+def _out_dim(enc: nn.Module) -> int:
+    layout = getattr(enc, "layout", None)
+    return int(layout.out_dim if layout is not None else enc.out_dim)
+
+
 def _batch_size(inputs: Any) -> int:
     if isinstance(inputs, Tensor):
         return inputs.shape[0]
     return next(iter(inputs.values())).shape[0]
 
 
-def build_model(cfg: FusionConfig | Mapping[str, Any]) -> FusionModel:
+def build_model(cfg: FusionConfig | Mapping[str, Any], comp_module: nn.Module | None = None) -> FusionModel:
     if not isinstance(cfg, FusionConfig):
         cfg = FusionConfig.from_dict(dict(cfg))
-    return FusionModel(cfg)
+    return FusionModel(cfg, comp_module=comp_module)
 
 
 # -- losses and metrics inputs ---------------------------------------------------------------------------------------

@@ -133,3 +133,22 @@ def test_adapter_file_holds_only_adapter_tensors(tmp_path):
     keys = set(load_file(str(tmp_path / "adapter.safetensors")))
     assert keys and all(k.split(".")[0] in ("main_prompts", "comp_prompts", "head") for k in keys)
     assert any(k.endswith(".keys") for k in keys)  # frozen routing keys travel with the adapter
+
+
+def test_custom_blackbox_complementary_encoder_bag_of_words():
+    from mope import build_model
+    from mope.backbones.blackbox import BagOfWordsEncoder
+
+    emb = torch.nn.Embedding(100, 24)
+    for proj, blackbox in ((None, True), (16, False)):
+        bow = BagOfWordsEncoder(emb, proj_dim=proj)
+        model = build_model(tiny_cfg("mope"), comp_module=bow)
+        assert model.comp_is_blackbox == blackbox and model.comp_prompts is None
+        model.train()
+        batch = make_batch(4, 32)
+        out = model(batch)
+        (out.logits.sum() + out.aux_loss).backward()
+        assert bow.embeddings.weight.grad is None
+        if proj:
+            assert bow.proj.weight.grad is not None  # the BoW projector trains (Table 5 "BoW*")
+        assert model.main_prompts.mapper.down.weight.grad is not None

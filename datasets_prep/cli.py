@@ -1,0 +1,133 @@
+"""``harness prep``: convert a raw dataset to webdataset shards, or verify written shards.
+
+harness prep DATASET --src RAW_DIR --out SHARD_DIR [--shard-size N] [--min-shards K] [--skip-bad]
+             [--opt key=value ...]
+harness prep --verify SHARD_DIR [--no-decode]
+harness prep --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .registry import get_converter, list_datasets
+from .writer import PrepError
+
+DATASET_OPTIONS = """\
+dataset options (--opt key=value, repeatable; values true/false/ints are converted):
+  all:      seed=0 (deterministic shuffle of the written order), min_shards=32 (shard size is lowered so a split
+            has at least this many shards: streaming needs shards >> ranks x workers), max_image_side=0
+  food101:  text_source=auto|texts_txt|titles  title_fallback=false  clean=mmbt|basic|none  val_size=5000
+            splits=train,test  labels_file=PATH
+  mmimdb:   labels_file=PATH  drop_genres=News,Reality-TV,Talk-Show  remove_genres=Adult
+  snli_ve:  images_dir=PATH  splits=train,val,test
+  mustard:  split_scheme=friends|mope_code  no_audio=false  audio_dir=PATH  sample_rate=16000  frames=0
+            frames_dir=PATH  expect_entries=690  train_count=334
+Bad raw input (missing/undecodable media, missing text, unknown label, malformed line) stops the conversion with
+the file and line/key named; --skip-bad skips such samples and counts them in each split's manifest.json.
+Output: SHARD_DIR/<split>/<dataset>-<split>-NNNNNN.tar + manifest.json, SHARD_DIR/labels.txt, SHARD_DIR/dataset.json.
+"""
+
+
+def _parse_value(v: str):
+    low = v.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="harness prep",
+        description="Convert a raw dataset into deterministic webdataset shards, or verify shards.",
+        epilog=DATASET_OPTIONS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("dataset", nargs="?", help="dataset converter name (see --list)")
+    p.add_argument(
+        "--src", type=Path, default=None, help="raw dataset directory (omit for generated datasets, e.g. demo)"
+    )
+    p.add_argument("--out", type=Path, default=None, help="output shard directory")
+    p.add_argument("--shard-size", type=int, default=1000, help="max samples per shard (default 1000)")
+    p.add_argument("--min-shards", type=int, default=None, help="lower the shard size so each split has >= K shards")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad raw samples instead of stopping")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="dataset-specific option")
+    p.add_argument("--verify", type=Path, default=None, metavar="SHARD_DIR", help="verify written shards and exit")
+    p.add_argument("--no-decode", action="store_true", help="with --verify: skip image/audio decoding (faster)")
+    p.add_argument("--list", action="store_true", help="list available datasets and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "prep":  # tolerate being handed the sub-command name
+        argv = argv[1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    if args.list:
+        print("\n".join(list_datasets()))
+        return 0
+
+    if args.verify is not None:
+        from .verify import verify
+
+        rep = verify(args.verify, decode=not args.no_decode)
+        print(rep.summary())
+        return 0 if rep.ok else 1
+
+    if not args.dataset:
+        parser.print_usage(sys.stderr)
+        print(f"error: give a DATASET (available: {', '.join(list_datasets())}) or --verify DIR", file=sys.stderr)
+        return 2
+    if args.out is None:
+        print("error: --out SHARD_DIR is required", file=sys.stderr)
+        return 2
+    try:
+        convert = get_converter(args.dataset)
+    except KeyError:
+        print(f"error: unknown dataset {args.dataset!r}; available: {', '.join(list_datasets())}", file=sys.stderr)
+        return 2
+
+    options: dict = {}
+    for kv in args.opt:
+        if "=" not in kv:
+            print(f"error: --opt {kv!r} is not KEY=VALUE", file=sys.stderr)
+            return 2
+        k, v = kv.split("=", 1)
+        options[k.strip().replace("-", "_")] = _parse_value(v)
+    if args.min_shards is not None:
+        options["min_shards"] = args.min_shards
+
+    t0 = time.monotonic()
+    try:
+        summary = convert(
+            args.src.resolve() if args.src is not None else None,
+            args.out.resolve(),
+            shard_size=args.shard_size,
+            skip_bad=args.skip_bad,
+            **options,
+        )
+    except PrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    print(f"done in {time.monotonic() - t0:.1f}s; check with: harness prep --verify {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

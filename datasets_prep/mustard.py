@@ -1,0 +1,251 @@
+"""MUStARD -> webdataset shards (``harness prep mustard``), binary sarcasm detection (text + audio [+ frames]).
+
+Raw layout (``--src``)::
+
+    sarcasm_data.json                 one JSON object, 690 keys "{1|2}_{n}" in a meaningful order; each value holds
+                                      utterance, speaker, context, context_speakers, show, sarcasm (bool)
+    utterances_final/{key}.wav        utterance audio (any rate/channels libsndfile reads; override: audio_dir)
+    (optional) frames: {frames_dir}/{key}/*.{png,jpg,bmp} or {frames_dir}/{key}_aligned/*.bmp (OpenFace crops)
+
+The file must be the current release (2019-02-28): exactly 690 entries, each with ``show``. Older releases (no
+``show``) are refused with a clear error.
+
+Split schemes (``--opt split_scheme=...``):
+
+- ``friends`` (default; speaker-independent, as MUStARD and PromptFuse): test = ``show == "FRIENDS"`` (356), train = the
+  rest (334); counts asserted.
+- ``mope_code``: MoPE's released loader, first 334 keys (file order) = train, the other 356 = test.
+
+``val`` is written as an identical copy of ``test`` (the MoPE reference evaluates on the same set; there is no
+separate MUStARD dev set). Its manifest carries ``"val_is_test": true``.
+
+Text = ``"{speaker}: {utterance}"`` (context not used by the reference; kept in json). Label: 0 ``not_sarcastic``,
+1 ``sarcastic``. Audio: downmixed to mono, resampled to 16 kHz (``scipy.signal.resample_poly``), stored as PCM16 WAV
+(``wav``). A missing/undecodable wav is an error (or skipped and counted with ``--skip-bad``); ``no_audio=true``
+builds text-only shards (for the annotation file without media).
+
+Options: ``split_scheme``, ``no_audio`` (false), ``audio_dir``, ``sample_rate`` (16000), ``frames`` (0 = none; N =
+N frames per clip, evenly spaced, last frame repeated when fewer, stored as ``f00.png`` ...), ``frames_dir``,
+``seed`` (0), ``min_shards`` (32), ``expect_entries`` (690; 0 disables the count checks, for small test replicas),
+``train_count`` (334, ``mope_code`` only).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .registry import register_dataset
+from .writer import (
+    IMAGE_EXTS,
+    SKIP_HINT,
+    PrepError,
+    ShardSetWriter,
+    bad_from_error,
+    deterministic_shuffle,
+    effective_shard_size,
+    handle_bad,
+    load_audio_wav,
+    load_image,
+    progress,
+    sanitize_key,
+    source_fingerprint,
+    write_dataset_info,
+)
+
+DATASET = "mustard"
+CONVERTER_VERSION = "1"
+LABELS = ["not_sarcastic", "sarcastic"]
+SCHEMES = ("friends", "mope_code")
+N_ENTRIES, N_TRAIN, N_TEST = 690, 334, 356
+
+
+def _to_bool(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    return str(v).strip().lower() in ("1", "true", "yes", "y", "on")
+
+
+def load_annotations(path: Path, expect_entries: int = N_ENTRIES) -> dict[str, dict]:
+    """Load ``sarcasm_data.json`` keeping file order; check the release (entry count, ``show`` present)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PrepError(f"{path} not found (expected MUStARD's data/sarcasm_data.json in --src)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise PrepError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise PrepError(f"{path}: expected one JSON object keyed by utterance id, got {type(data).__name__}")
+    if expect_entries and len(data) != expect_entries:
+        raise PrepError(
+            f"{path}: {len(data)} entries, expected {expect_entries} (current MUStARD release); "
+            "pass --opt expect_entries=0 to accept another count"
+        )
+    no_show = [k for k, v in data.items() if not isinstance(v, dict) or "show" not in v]
+    if no_show:
+        raise PrepError(
+            f"{path}: {len(no_show)} entries lack the 'show' key (first: {no_show[0]!r}). This is an older MUStARD "
+            "release (before 2019-02-28); download the current data/sarcasm_data.json from soujanyaporia/MUStARD"
+        )
+    return data
+
+
+def _frame_files(frames_dir: Path, key: str) -> list[Path]:
+    for d in (frames_dir / key, frames_dir / f"{key}_aligned"):
+        if d.is_dir():
+            return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+    return []
+
+
+@register_dataset(DATASET)
+def convert(
+    src: Path | None,
+    out: Path,
+    *,
+    shard_size: int = 1000,
+    skip_bad: bool = False,
+    split_scheme: str = "friends",
+    no_audio: bool = False,
+    audio_dir: str | Path | None = None,
+    sample_rate: int = 16000,
+    frames: int = 0,
+    frames_dir: str | Path | None = None,
+    seed: int = 0,
+    min_shards: int = 32,
+    expect_entries: int = N_ENTRIES,
+    train_count: int = N_TRAIN,
+    **unknown,
+) -> dict:
+    if unknown:
+        raise PrepError(
+            f"mustard: unknown option(s) {sorted(unknown)}; valid: split_scheme, no_audio, audio_dir, "
+            "sample_rate, frames, frames_dir, seed, min_shards, expect_entries, train_count"
+        )
+    if src is None:
+        raise PrepError("mustard needs --src RAW_DIR (with sarcasm_data.json and utterances_final/{key}.wav)")
+    if split_scheme not in SCHEMES:
+        raise PrepError(f"split_scheme must be one of {SCHEMES}, got {split_scheme!r}")
+    src, out = Path(src), Path(out)
+    no_audio = _to_bool(no_audio)
+    frames, seed, expect_entries, sample_rate = int(frames), int(seed), int(expect_entries), int(sample_rate)
+    ann_path = src / "sarcasm_data.json"
+    data = load_annotations(ann_path, expect_entries)
+    a_dir = Path(audio_dir) if audio_dir is not None else src / "utterances_final"
+    f_dir = Path(frames_dir) if frames_dir is not None else src / "utterances_final" / "processed"
+    if not no_audio and not a_dir.is_dir():
+        raise PrepError(
+            f"audio directory {a_dir} not found; pass --opt audio_dir=PATH, or --opt no_audio=true for "
+            "text-only shards"
+        )
+    if frames and not f_dir.is_dir():
+        raise PrepError(f"frames directory {f_dir} not found; pass --opt frames_dir=PATH or --opt frames=0")
+
+    bad: list[tuple[str, str, str]] = []
+    entries: list[dict] = []
+    for pos, (key, v) in enumerate(data.items()):
+        where = f"{ann_path.name}[{key!r}]"
+        ok = (
+            isinstance(v.get("utterance"), str)
+            and v["utterance"].strip()
+            and isinstance(v.get("speaker"), str)
+            and isinstance(v.get("sarcasm"), bool)
+            and isinstance(v.get("show"), str)
+        )
+        if not ok:
+            detail = "entry needs utterance (non-empty str), speaker (str), show (str) and sarcasm (bool)"
+            if not skip_bad:
+                raise PrepError(f"{where}: {detail}; {SKIP_HINT}", reason="invalid entry")
+            bad.append(("invalid entry", where, detail))
+            continue
+        entries.append({"key": key, "pos": pos, **v})
+
+    # split
+    if split_scheme == "friends":
+        test = [e for e in entries if e["show"] == "FRIENDS"]
+        train = [e for e in entries if e["show"] != "FRIENDS"]
+    else:
+        cut = int(train_count)
+        train = [e for e in entries if e["pos"] < cut]
+        test = [e for e in entries if e["pos"] >= cut]
+    if expect_entries == N_ENTRIES and not bad and (len(train), len(test)) != (N_TRAIN, N_TEST):
+        raise PrepError(
+            f"{ann_path}: split {split_scheme!r} gives {len(train)}/{len(test)} train/test, "
+            f"expected {N_TRAIN}/{N_TEST}"
+        )
+    bad_by_split: dict[str, list] = {"train": [], "test": []}
+    for b in bad:  # entries rejected before splitting: counted in train (their show may be unknown)
+        bad_by_split["train"].append(b)
+
+    modalities = ("text",) + (() if no_audio else ("audio",)) + (("video",) if frames else ())
+    media = [] if no_audio else [a_dir / f"{e['key']}.wav" for e in entries]
+    checksum = source_fingerprint([ann_path], src, [m for m in media if m.is_relative_to(src)])
+    summary: dict = {"dataset": DATASET, "out": str(out), "splits": {}, "skipped": {}, "split_scheme": split_scheme}
+    common = {
+        "split_scheme": split_scheme,
+        "sample_rate": None if no_audio else sample_rate,
+        "frames": frames,
+        "order": f"shuffled(seed={seed})",
+        "text_format": "{speaker}: {utterance}",
+    }
+
+    for split, recs, src_split in (("train", train, "train"), ("test", test, "test"), ("val", test, "test")):
+        order = deterministic_shuffle(sorted(recs, key=lambda e: e["pos"]), seed)
+        with ShardSetWriter(
+            out,
+            split,
+            dataset=DATASET,
+            task="single_label",
+            labels=LABELS,
+            shard_size=effective_shard_size(len(order), shard_size, min_shards),
+            source_checksum=checksum,
+            converter_version=CONVERTER_VERSION,
+            modalities=modalities,
+            extra={**common, "val_is_test": split == "val"},
+        ) as w:
+            for reason, where, detail in bad_by_split[src_split]:
+                handle_bad(w, True, reason, where, detail)
+            for e in progress(order, total=len(order), desc=f"{DATASET}/{split}"):
+                key = e["key"]
+                sample: dict = {"txt": f"{e['speaker']}: {e['utterance']}"}
+                try:
+                    if not no_audio:
+                        sample["wav"], dur = load_audio_wav(a_dir / f"{key}.wav", target_sr=sample_rate)
+                    if frames:
+                        files = _frame_files(f_dir, key)
+                        if not files:
+                            raise PrepError(f"no frames for {key} under {f_dir}", reason="missing frames")
+                        n = len(files)
+                        picks = [files[min(n - 1, (i * n) // frames)] for i in range(frames)]
+                        for i, fp in enumerate(picks):
+                            ext, b = load_image(fp)
+                            sample[f"f{i:02d}.{ext}"] = b
+                except PrepError as err:
+                    bad_from_error(w, skip_bad, err, f"{ann_path.name}[{key!r}]")
+                    continue
+                meta = {
+                    "id": key,
+                    "label": int(e["sarcasm"]),
+                    "show": e["show"],
+                    "speaker": e["speaker"],
+                    "utterance": e["utterance"],
+                    "context": e.get("context", []),
+                    "context_speakers": e.get("context_speakers", []),
+                }
+                if not no_audio:
+                    meta["duration_s"] = round(dur, 4)
+                sample["json"] = meta
+                w.write(sanitize_key(key), sample)
+        summary["splits"][split] = w.num_samples
+        summary["skipped"][split] = w.skipped
+
+    write_dataset_info(
+        out,
+        dataset=DATASET,
+        task="single_label",
+        labels=LABELS,
+        splits=summary["splits"],
+        converter_version=CONVERTER_VERSION,
+        extra={"split_scheme": split_scheme, "val_is_test": True, "modalities": list(modalities)},
+    )
+    return summary

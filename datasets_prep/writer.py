@@ -1,0 +1,639 @@
+"""Deterministic webdataset shard writer shared by every converter.
+
+Layout written for one dataset::
+
+    OUT/labels.txt                       one label name per line
+    OUT/dataset.json                     {dataset, task, labels, splits, converter_version, ...}
+    OUT/<split>/<dataset>-<split>-000000.tar, -000001.tar, ...
+    OUT/<split>/manifest.json
+
+Each tar holds webdataset samples: members ``{key}.{ext}`` grouped by key, members of one sample in sorted extension
+order. Keys match ``[A-Za-z0-9_-]+`` (webdataset splits key and extension at the *first* dot, so a dot in a key would
+break grouping; see :func:`sanitize_key`).
+
+Determinism: tar headers carry a fixed mtime (0), uid/gid 0, empty user/group names and mode 0444 (USTAR format);
+JSON is written with sorted keys; nothing records wall-clock time. Converting the same input twice therefore gives
+byte-identical shards and manifests, provided the converter writes samples in a deterministic order.
+
+Atomicity: :class:`ShardSetWriter` writes into a hidden temporary directory next to ``OUT/<split>`` and renames it into
+place only after every shard and the manifest are complete. An existing ``OUT/<split>`` is replaced only then. On an
+exception the temporary directory is deleted and the previous output is left untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "KEY_RE",
+    "MAX_SKIP_EXAMPLES",
+    "SKIP_HINT",
+    "TASKS",
+    "BadInputs",
+    "PrepError",
+    "ShardSetWriter",
+    "bad_from_error",
+    "deterministic_shuffle",
+    "effective_shard_size",
+    "handle_bad",
+    "load_audio_wav",
+    "load_image",
+    "progress",
+    "read_labels_file",
+    "read_manifest",
+    "sanitize_key",
+    "sha256_file",
+    "sha256_files",
+    "source_fingerprint",
+    "write_dataset_info",
+]
+
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+EXT_RE = re.compile(r"^[a-z0-9]+(?:\.[a-z0-9]+)*$")  # "jpg", "txt", "f00.png" (multi-part, no leading dot)
+TASKS = ("single_label", "multi_label")
+MAX_SKIP_EXAMPLES = 20
+# USTAR member names are limited to 100 bytes (no '/' in keys, so the 155-byte prefix field cannot be used).
+_MAX_KEY_LEN = 80
+_HASH_LEN = 10
+_TAR_MTIME = 0
+_TAR_MODE = 0o444
+_MANIFEST = "manifest.json"
+
+
+class PrepError(ValueError):
+    """Bad raw input or bad converter usage; the message names the file/key and the fix.
+
+    ``reason`` is a short category ("missing image", "undecodable audio", ...) used to count skipped samples.
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+def _short_hash(raw: str) -> str:
+    return hashlib.sha1(raw.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_LEN]
+
+
+def sanitize_key(raw: str) -> str:
+    """Map an original sample id to a webdataset key made of ``[A-Za-z0-9_-]`` only.
+
+    Unchanged when ``raw`` is already valid (and at most 80 characters). Otherwise every other character is replaced
+    with ``_`` and ``_<10 hex chars of sha1(raw)>`` is appended, so that ids differing only in replaced characters
+    (``a.b`` vs ``a_b`` vs ``a b``) still get distinct keys. Deterministic. Over-long ids are truncated before the hash.
+    """
+    raw = str(raw)
+    if raw and len(raw) <= _MAX_KEY_LEN and KEY_RE.match(raw):
+        return raw
+    base = re.sub(r"[^A-Za-z0-9_-]", "_", raw)[: _MAX_KEY_LEN - _HASH_LEN - 1]
+    return f"{base}_{_short_hash(raw)}" if base else f"k{_short_hash(raw)}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def sha256_files(paths: Iterable[Path], root: Path | None = None) -> str:
+    """One sha256 over (relative name, content) of several files, in the given order; missing files are skipped.
+
+    Converters use it for ``source_checksum`` over the annotation files (not the media, which would be slow).
+    """
+    h = hashlib.sha256()
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            continue
+        name = str(p.relative_to(root)) if root is not None else p.name
+        h.update(name.encode() + b"\0")
+        h.update(sha256_file(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+T = TypeVar("T")
+
+
+def progress(it: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
+    """A tqdm bar on stderr (rate + ETA). Falls back to a line every 10% when tqdm is not installed."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return _plain_progress(it, total, desc)
+    return iter(tqdm(it, total=total, desc=desc, file=sys.stderr, mininterval=1.0, unit="sample", dynamic_ncols=True))
+
+
+def _plain_progress(it: Iterable[T], total: int | None, desc: str) -> Iterator[T]:  # pragma: no cover
+    import time
+
+    t0 = time.monotonic()
+    step = max(1, (total or 0) // 10) if total else 1000
+    for i, x in enumerate(it, 1):
+        yield x
+        if i % step == 0:
+            dt = time.monotonic() - t0
+            rate = i / dt if dt > 0 else 0.0
+            eta = f", eta {((total - i) / rate):.0f}s" if total and rate else ""
+            print(f"[{desc}] {i}/{total or '?'} ({rate:.1f}/s{eta})", file=sys.stderr)
+
+
+def _encode(key: str, ext: str, value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if ext == "json" or isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value).encode()
+    raise PrepError(f"sample {key!r}: cannot encode field {ext!r} of type {type(value).__name__}")
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    ti.mtime = _TAR_MTIME
+    ti.mode = _TAR_MODE
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    ti.type = tarfile.REGTYPE
+    tar.addfile(ti, io.BytesIO(data))
+
+
+class ShardSetWriter:
+    """Write one split of one dataset as deterministic webdataset shards plus ``manifest.json``.
+
+    Use as a context manager::
+
+        with ShardSetWriter(out, "train", dataset="food101", task="single_label", labels=names) as w:
+            w.write(sanitize_key(orig_id), {"jpg": jpeg_bytes, "txt": text, "json": {"id": orig_id, "label": 3}})
+            w.skip("missing image", "images/train/x/y.jpg")
+
+    ``sample`` maps an extension to a value: bytes (``jpg``/``png``/``wav``/...), str (``txt``, utf-8), dict (``json``,
+    sorted keys). ``sample["json"]`` must hold ``"id"`` (the original id) and ``"label"`` (an int index for
+    ``single_label``; a list of distinct int indices for ``multi_label``).
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        split: str,
+        *,
+        dataset: str,
+        task: str,
+        labels: list[str],
+        shard_size: int = 1000,
+        source_checksum: str = "",
+        converter_version: str = "1",
+        modalities: tuple[str, ...] = ("image", "text"),
+        extra: dict | None = None,
+    ) -> None:
+        if not split or not KEY_RE.match(split):
+            raise PrepError(f"split name {split!r} must match [A-Za-z0-9_-]+")
+        if not dataset or not KEY_RE.match(dataset):
+            raise PrepError(f"dataset name {dataset!r} must match [A-Za-z0-9_-]+")
+        if task not in TASKS:
+            raise PrepError(f"task {task!r} must be one of {TASKS}")
+        if int(shard_size) < 1:
+            raise PrepError(f"shard_size must be >= 1, got {shard_size}")
+        labels = [str(x) for x in labels]
+        if not labels:
+            raise PrepError("labels must not be empty")
+        if len(set(labels)) != len(labels):
+            dup = sorted(k for k, v in Counter(labels).items() if v > 1)
+            raise PrepError(f"duplicate label names: {dup}")
+        self.out_dir = Path(out_dir)
+        self.split = split
+        self.dataset = dataset
+        self.task = task
+        self.labels = labels
+        self.shard_size = int(shard_size)
+        self.source_checksum = source_checksum
+        self.converter_version = str(converter_version)
+        self.modalities = tuple(modalities)
+        self.extra = dict(extra or {})
+        self._keys: set[str] = set()
+        self._hist = [0] * len(labels)
+        self._shards: list[dict] = []
+        self._tar: tarfile.TarFile | None = None
+        self._tar_file: Any = None
+        self._tar_count = 0
+        self._skip_counts: Counter[str] = Counter()
+        self._skip_examples: list[str] = []
+        self._tmp: Path | None = None
+        self._closed = False
+        self.num_samples = 0
+
+    # -- context manager -------------------------------------------------------------------------------------------
+    def __enter__(self) -> ShardSetWriter:  # noqa: PYI034
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._recover_stale()
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.split}-", dir=self.out_dir))
+        return self
+
+    def _recover_stale(self) -> None:
+        """Clean up after a writer of this split that was killed (SIGKILL, power loss) instead of raising: delete its
+        half-written ``.tmp-<split>-*`` dir; if it died between its two renames, put the previous set back first."""
+        final = self.out_dir / self.split
+        olds = sorted(self.out_dir.glob(f".old-{self.split}-*"))
+        if not final.exists() and olds and (olds[-1] / _MANIFEST).is_file():
+            os.replace(olds[-1], final)
+            olds = olds[:-1]
+        for d in [*olds, *self.out_dir.glob(f".tmp-{self.split}-*")]:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self._abort()
+            return False
+        try:
+            self._finish()
+        except BaseException:
+            self._abort()
+            raise
+        return False
+
+    # -- public ----------------------------------------------------------------------------------------------------
+    @property
+    def skipped(self) -> int:
+        return sum(self._skip_counts.values())
+
+    def write(self, key: str, sample: dict) -> None:
+        if self._tmp is None or self._closed:
+            raise PrepError("ShardSetWriter.write() called outside its `with` block")
+        if not isinstance(key, str) or not KEY_RE.match(key):
+            raise PrepError(
+                f"sample key {key!r} is not a valid shard key ([A-Za-z0-9_-]+); pass it through sanitize_key()"
+            )
+        if key in self._keys:
+            raise PrepError(f"duplicate sample key {key!r} in split {self.split!r} of {self.dataset!r}")
+        meta = sample.get("json")
+        if not isinstance(meta, dict) or "id" not in meta or "label" not in meta:
+            raise PrepError(f"sample {key!r}: sample['json'] must be a dict with 'id' and 'label'")
+        idx = self._check_label(key, meta["label"])
+        for ext in sample:
+            if not isinstance(ext, str) or not EXT_RE.match(ext):
+                raise PrepError(f"sample {key!r}: field name {ext!r} must match [a-z0-9]+(.[a-z0-9]+)*")
+        payload = [(ext, _encode(key, ext, sample[ext])) for ext in sorted(sample)]
+
+        if self._tar is None:
+            self._open_shard()
+        assert self._tar is not None
+        for ext, data in payload:
+            _add_member(self._tar, f"{key}.{ext}", data)
+        self._keys.add(key)
+        for i in idx:
+            self._hist[i] += 1
+        self.num_samples += 1
+        self._tar_count += 1
+        if self._tar_count >= self.shard_size:
+            self._close_shard()
+
+    def skip(self, reason: str, where: str) -> None:
+        """Record one bad input skipped under ``--skip-bad`` (counted per reason; first 20 examples kept)."""
+        self._skip_counts[str(reason)] += 1
+        if len(self._skip_examples) < MAX_SKIP_EXAMPLES:
+            self._skip_examples.append(f"{where}: {reason}")
+
+    # -- internals -------------------------------------------------------------------------------------------------
+    def _check_label(self, key: str, label: Any) -> list[int]:
+        n = len(self.labels)
+
+        def ok(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < n
+
+        if self.task == "single_label":
+            if not ok(label):
+                raise PrepError(
+                    f"sample {key!r}: label {label!r} is not an int index in [0, {n}) for single_label {self.dataset!r}"
+                )
+            return [label]
+        if not isinstance(label, list) or not all(ok(x) for x in label):
+            raise PrepError(
+                f"sample {key!r}: label {label!r} must be a list of int indices in [0, {n}) for multi_label {self.dataset!r}"
+            )
+        if len(set(label)) != len(label):
+            raise PrepError(f"sample {key!r}: label {label!r} repeats an index")
+        return list(label)
+
+    def _shard_name(self, i: int) -> str:
+        return f"{self.dataset}-{self.split}-{i:06d}.tar"
+
+    def _open_shard(self) -> None:
+        assert self._tmp is not None
+        name = self._shard_name(len(self._shards))
+        self._tar_file = open(self._tmp / name, "wb")  # noqa: SIM115 (kept open across write() calls)
+        self._tar = tarfile.open(fileobj=self._tar_file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self._shards.append({"file": name, "count": 0, "sha256": ""})
+        self._tar_count = 0
+
+    def _close_shard(self) -> None:
+        if self._tar is None:
+            return
+        assert self._tmp is not None
+        self._tar.close()
+        self._tar_file.close()
+        self._tar = self._tar_file = None
+        rec = self._shards[-1]
+        rec["count"] = self._tar_count
+        rec["sha256"] = sha256_file(self._tmp / rec["file"])
+        self._tar_count = 0
+
+    def manifest(self) -> dict:
+        m = {
+            "dataset": self.dataset,
+            "split": self.split,
+            "task": self.task,
+            "labels": list(self.labels),
+            "modalities": list(self.modalities),
+            "num_samples": self.num_samples,
+            "shards": [dict(s) for s in self._shards],
+            "class_histogram": {name: self._hist[i] for i, name in enumerate(self.labels)},
+            "source_checksum": self.source_checksum,
+            "converter_version": self.converter_version,
+            "skipped": {
+                "count": self.skipped,
+                "by_reason": dict(sorted(self._skip_counts.items())),
+                "examples": list(self._skip_examples),
+            },
+        }
+        clash = sorted(set(self.extra) & set(m))
+        if clash:
+            raise PrepError(f"manifest extra keys {clash} clash with the standard manifest fields")
+        m.update(self.extra)
+        return m
+
+    def _finish(self) -> None:
+        assert self._tmp is not None
+        self._close_shard()
+        _write_json(self._tmp / _MANIFEST, self.manifest())
+        self._closed = True
+        final = self.out_dir / self.split
+        old: Path | None = None
+        if final.exists() or final.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{self.split}-", dir=self.out_dir))
+            os.rmdir(old)
+            os.replace(final, old)
+        try:
+            os.replace(self._tmp, final)
+        except BaseException:
+            if old is not None:  # put the previous complete set back
+                os.replace(old, final)
+            raise
+        self._tmp = None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _abort(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError, tarfile.TarError):
+            if self._tar is not None:
+                self._tar.close()
+        with contextlib.suppress(OSError):
+            if self._tar_file is not None:
+                self._tar_file.close()
+        self._tar = self._tar_file = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    text = json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_manifest(split_dir: Path) -> dict:
+    """Load ``split_dir/manifest.json``; a clear error if it is missing or unreadable."""
+    p = Path(split_dir) / _MANIFEST
+    if not p.is_file():
+        raise PrepError(f"{p}: no manifest.json; is {split_dir} a split directory written by `harness prep`?")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise PrepError(f"{p}: invalid JSON ({e}); re-run `harness prep`") from None
+
+
+def write_dataset_info(
+    out: Path,
+    *,
+    dataset: str,
+    task: str,
+    labels: list[str],
+    splits: dict[str, int] | list[str],
+    converter_version: str = "1",
+    extra: dict | None = None,
+) -> None:
+    """Write ``out/labels.txt`` (one name per line, final newline) and ``out/dataset.json``.
+
+    ``splits`` is ``{split: num_samples}`` (or a list of split names).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".labels.txt.tmp"
+    tmp.write_text("".join(f"{x}\n" for x in labels), encoding="utf-8")
+    os.replace(tmp, out / "labels.txt")
+    info = {
+        "dataset": dataset,
+        "task": task,
+        "labels": list(labels),
+        "splits": dict(splits) if isinstance(splits, dict) else list(splits),
+        "converter_version": str(converter_version),
+    }
+    for k, v in (extra or {}).items():
+        if k in info:
+            raise PrepError(f"dataset.json extra key {k!r} clashes with a standard field")
+        info[k] = v
+    _write_json(out / "dataset.json", info)
+
+
+def read_labels_file(path: Path) -> list[str]:
+    """Labels file: one name per line; strips surrounding whitespace and \\r, ignores blank lines, rejects duplicates."""
+    path = Path(path)
+    if not path.is_file():
+        raise PrepError(f"{path}: labels file not found")
+    names = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
+    names = [n for n in names if n]
+    dup = sorted(k for k, v in Counter(names).items() if v > 1)
+    if dup:
+        raise PrepError(f"{path}: duplicate label names {dup}")
+    if not names:
+        raise PrepError(f"{path}: no labels")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers shared by the converters
+# ---------------------------------------------------------------------------------------------------------------------
+SKIP_HINT = "fix the input, or re-run with --skip-bad to skip such samples (they are counted in manifest.json)"
+
+
+def handle_bad(writer: ShardSetWriter | None, skip_bad: bool, reason: str, where: str, detail: str = "") -> None:
+    """Bad raw input: raise a :class:`PrepError` naming ``where`` and the fix, or (``skip_bad``) count it as skipped.
+
+    ``reason`` is the category counted in the manifest; ``detail`` (optional) the specific message.
+    """
+    if not skip_bad or writer is None:
+        raise PrepError(f"{where}: {detail or reason}; {SKIP_HINT}", reason=reason)
+    writer.skip(reason, f"{where} ({detail})" if detail and detail != reason else where)
+
+
+class BadInputs:
+    """Bad raw inputs found before a split's writer exists (e.g. while listing/parsing annotations).
+
+    ``add`` raises :class:`PrepError` at once unless ``skip_bad``; ``replay(writer)`` records the collected ones as
+    skipped in that split's manifest.
+    """
+
+    def __init__(self, skip_bad: bool) -> None:
+        self.skip_bad = skip_bad
+        self.items: list[tuple[str, str, str]] = []
+
+    def add(self, reason: str, where: str, detail: str = "") -> None:
+        if not self.skip_bad:
+            handle_bad(None, False, reason, where, detail)
+        self.items.append((reason, where, detail))
+
+    def replay(self, writer: ShardSetWriter) -> None:
+        for reason, where, detail in self.items:
+            handle_bad(writer, True, reason, where, detail)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def bad_from_error(writer: ShardSetWriter, skip_bad: bool, err: PrepError, where: str) -> None:
+    """:func:`handle_bad` for a :class:`PrepError` raised by :func:`load_image` / :func:`load_audio_wav`."""
+    handle_bad(writer, skip_bad, err.reason, where, str(err))
+
+
+def effective_shard_size(n: int, shard_size: int, min_shards: int = 1) -> int:
+    """``shard_size`` lowered so that ``n`` samples give at least ``min_shards`` shards (never below 1).
+
+    Streaming with fewer shards than ranks x workers hangs a rank (webdataset#188), so converters default to
+    ``min_shards=32`` even for small splits.
+    """
+    shard_size = max(1, int(shard_size))
+    if min_shards and min_shards > 1 and n > 0:
+        shard_size = min(shard_size, max(1, n // int(min_shards)))
+    return shard_size
+
+
+def deterministic_shuffle(items: list[T], seed: int) -> list[T]:
+    """A seeded permutation of ``items`` (call it on a sorted list): shards then mix classes for streaming."""
+    import random
+
+    out = list(items)
+    random.Random(int(seed)).shuffle(out)
+    return out
+
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff", "ppm")
+
+
+def load_image(path: Path, *, max_side: int = 0) -> tuple[str, bytes]:
+    """Read an image file, check that it fully decodes, return ``(ext, bytes)``.
+
+    JPEGs are returned as the original bytes (``"jpg"``); any other format is re-encoded losslessly as PNG (``"png"``).
+    With ``max_side > 0`` an image whose longer side exceeds it is downscaled (LANCZOS) and re-encoded as JPEG q=95.
+    Raises :class:`PrepError` (missing / unreadable / undecodable) with the path in the message.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PrepError(f"missing image {path}", reason="missing image") from None
+    except OSError as e:
+        raise PrepError(f"unreadable image {path} ({e})", reason="unreadable image") from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            fmt = im.format
+            if max_side and max(im.size) > max_side:
+                im2 = im.convert("RGB")
+                im2.thumbnail((max_side, max_side), Image.LANCZOS)
+                buf = io.BytesIO()
+                im2.save(buf, format="JPEG", quality=95)
+                return "jpg", buf.getvalue()
+            if fmt == "JPEG":
+                return "jpg", data
+            im2 = (
+                im
+                if im.mode in ("RGB", "RGBA", "L", "LA", "I;16")
+                else im.convert("RGBA" if "A" in im.mode else "RGB")
+            )
+            buf = io.BytesIO()
+            im2.save(buf, format="PNG", optimize=False)
+            return "png", buf.getvalue()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise PrepError(f"undecodable image {path} ({type(e).__name__}: {e})", reason="undecodable image") from None
+
+
+def load_audio_wav(path: Path, *, target_sr: int = 16000) -> tuple[bytes, float]:
+    """Read an audio file (anything libsndfile reads), downmix to mono, resample to ``target_sr`` with
+    ``scipy.signal.resample_poly``, return ``(PCM16 WAV bytes, duration_s)``. Deterministic (stdlib ``wave`` writer)."""
+    import wave
+    from math import gcd
+
+    import numpy as np
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.is_file():
+        raise PrepError(f"missing audio {path}", reason="missing audio")
+    try:
+        x, sr = sf.read(str(path), dtype="float64", always_2d=True)
+    except (RuntimeError, OSError, ValueError, TypeError) as e:  # soundfile.LibsndfileError is a RuntimeError
+        raise PrepError(f"undecodable audio {path} ({type(e).__name__}: {e})", reason="undecodable audio") from None
+    if x.shape[0] == 0:
+        raise PrepError(f"empty audio {path}", reason="empty audio")
+    x = x.mean(axis=1)
+    if sr != target_sr:
+        from scipy.signal import resample_poly
+
+        g = gcd(int(sr), int(target_sr))
+        x = resample_poly(x, target_sr // g, int(sr) // g)
+    pcm = np.clip(np.round(x * 32767.0), -32768, 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(target_sr))
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue(), len(pcm) / float(target_sr)
+
+
+def source_fingerprint(files: Iterable[Path], root: Path, media: Iterable[Path] = ()) -> str:
+    """``source_checksum``: sha256 over the annotation files' contents plus the sorted (path, size) list of media files
+    (media contents are not hashed: too slow for full datasets; shard sha256s cover the written bytes)."""
+    h = hashlib.sha256()
+    h.update(sha256_files(files, root).encode())
+    for p in sorted(str(Path(m).relative_to(root)) if Path(m).is_absolute() else str(m) for m in media):
+        try:
+            size = (Path(root) / p).stat().st_size
+        except OSError:
+            size = -1
+        h.update(f"{p}\0{size}\n".encode())
+    return h.hexdigest()
