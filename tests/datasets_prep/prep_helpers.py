@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-RAW_SAMPLES = Path(os.environ.get("MOPE_RAW_SAMPLES", "/work/shared/data/raw-samples"))
+# Real raw files live in the project's shared/ folder, beside the checkout (CI clones main with shared/ beside it).
+_REPO = Path(__file__).resolve().parents[2]
+RAW_SAMPLES = Path(os.environ.get("MOPE_RAW_SAMPLES", _REPO.parent / "shared" / "data" / "raw-samples"))
 
 
 def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (12, 10)) -> bytes:
