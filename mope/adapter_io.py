@@ -1,19 +1,22 @@
 """Adapter-only save/load: the trainable tensors (+ the buffers of the trainable modules, e.g. frozen routing keys and
-the mapper's BN statistics, without which the adapter would not reproduce), as safetensors, with the model config as
-JSON beside them. Loading checks the config and every shape and names what differs.
+the mapper's BN statistics, without which the adapter would not reproduce), as safetensors.
 
-Files: ``<dir>/adapter.safetensors`` and ``<dir>/mope_config.json``. Writes are atomic (temp file + rename), so an
-interrupted save never leaves a truncated adapter behind.
+The safetensors metadata carries the model config and a fingerprint (sha256) of every *frozen* encoder weight the
+adapter was trained on, in the same atomic file: loading checks the config, the frozen backbones and every shape, and
+names what differs. ``<dir>/mope_config.json`` is a human-readable copy of the same config. Writes are atomic (temp
+file, fsync, rename), so an interrupted save never leaves a truncated or mismatched adapter behind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mope.config import FusionConfig
@@ -41,12 +44,33 @@ def adapter_state_dict(model: FusionModel) -> dict[str, torch.Tensor]:
     return state
 
 
+def frozen_fingerprints(model: FusionModel) -> dict[str, str]:
+    """sha256 of the frozen weights of each encoder (what the adapter was trained on top of)."""
+    out = {}
+    for name in ("main_encoder", "comp_encoder"):
+        enc = getattr(model, name)
+        if enc is None:
+            continue
+        h = hashlib.sha256()
+        for k, t in sorted(enc.state_dict(keep_vars=True).items()):
+            if getattr(t, "requires_grad", False):
+                continue  # fine-tuned weights are in the adapter itself
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        out[name] = h.hexdigest()
+    return out
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -60,9 +84,9 @@ def save_adapter(model: FusionModel, out_dir: str | Path, *, is_main_process: bo
     if not is_main_process:
         return out
     state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    meta = {"format": "mope-adapter", "num_tensors": str(len(state))}
+    doc = {"model": model.cfg.to_dict(), "frozen_fingerprints": frozen_fingerprints(model), **(extra or {})}
+    meta = {"format": "mope-adapter", "num_tensors": str(len(state)), "mope_config": json.dumps(doc, sort_keys=True)}
     _atomic_write(out / ADAPTER_FILE, lambda p: save_file(state, p, metadata=meta))
-    doc = {"model": model.cfg.to_dict(), **(extra or {})}
     _atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(doc, indent=2, sort_keys=True)))
     return out
 
@@ -81,8 +105,16 @@ def _diff(a: dict, b: dict, prefix: tuple = ()) -> list[str]:
     return out
 
 
+def _read_doc(adapter_dir: Path) -> dict | None:
+    with safe_open(str(adapter_dir / ADAPTER_FILE), framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["mope_config"]) if "mope_config" in meta else None
+
+
 def read_adapter_config(adapter_dir: str | Path) -> FusionConfig:
-    doc = json.loads((Path(adapter_dir) / CONFIG_FILE).read_text())
+    doc = _read_doc(Path(adapter_dir))
+    if doc is None:
+        raise AdapterMismatchError(f"{Path(adapter_dir) / ADAPTER_FILE} carries no config (not written by save_adapter)")
     return FusionConfig.from_dict(doc["model"])
 
 
@@ -91,9 +123,21 @@ def load_adapter(model: FusionModel, adapter_dir: str | Path, *, check_config: b
     d = Path(adapter_dir)
     if not (d / ADAPTER_FILE).is_file():
         raise FileNotFoundError(f"{d / ADAPTER_FILE} not found: not an adapter directory written by save_adapter")
-    if check_config and (d / CONFIG_FILE).is_file():
-        saved = json.loads((d / CONFIG_FILE).read_text())["model"]
-        diffs = _diff(saved, model.cfg.to_dict())
+    if check_config:
+        doc = _read_doc(d)
+        if doc is None:
+            raise AdapterMismatchError(
+                f"{d / ADAPTER_FILE} carries no model config, so it cannot be checked; pass check_config=False to load "
+                "it anyway (shapes are still checked)"
+            )
+        diffs = _diff(doc["model"], model.cfg.to_dict())
+        saved_fp, now_fp = doc.get("frozen_fingerprints", {}), frozen_fingerprints(model)
+        diffs += [
+            f"frozen {k} weights differ from those the adapter was trained on (sha256 {saved_fp[k][:12]} vs "
+            f"{now_fp.get(k, 'absent')[:12]}): check vision.weights / text.weights"
+            for k in saved_fp
+            if saved_fp[k] != now_fp.get(k)
+        ]
         if diffs:
             raise AdapterMismatchError(
                 f"adapter {d} was saved for a different model configuration:\n  " + "\n  ".join(diffs)

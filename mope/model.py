@@ -88,7 +88,9 @@ class FusionModel(nn.Module):
             )
         self.comp_prompts: PromptGenerator | None = None
         lp = comp_prompt_len(cfg)
-        if lp > 0 and self.comp_encoder is not None and not self.comp_is_custom:
+        # With comp_tuned=False the complementary prompts would stay at their random init: plain frozen encoder instead
+        # (Table 5 "BERT frozen", mope-reference §2), so its features are a cacheable black box.
+        if lp > 0 and self.comp_encoder is not None and not self.comp_is_custom and cfg.comp_tuned:
             ccfg = MoPEConfig(
                 prompt_len=lp,
                 use_static=True,
@@ -105,6 +107,7 @@ class FusionModel(nn.Module):
         head_in = {"main": main_dim, "comp": comp_dim, "concat": main_dim + comp_dim}[self.spec.head_input]
         self.head = nn.Linear(head_in, cfg.num_classes)
         self.set_trainable()
+        self.train()  # apply the frozen-encoder mode policy from the start (nn.Module starts in train mode)
 
     # -- trainable set ---------------------------------------------------------------------------------------------
     def set_trainable(self) -> None:

@@ -14,7 +14,9 @@ from typing import Callable
 
 from mope.config import EncoderConfig, FusionConfig, Method, MoPEConfig
 
-SWIN_B = EncoderConfig(kind="timm_swin", name="swin_base_patch4_window7_224")
+# drop_path_rate 0.5: the reference's Swin-B setting (mope-reference §1.1); active only when Swin-B is fine-tuned (the
+# prompted methods keep the frozen encoder in eval mode, §1.8).
+SWIN_B = EncoderConfig(kind="timm_swin", name="swin_base_patch4_window7_224", kwargs={"drop_path_rate": 0.5})
 VIT_B = EncoderConfig(kind="timm_vit", name="vit_base_patch16_224")
 BERT_B = EncoderConfig(kind="hf_bert", name="bert-base-uncased", pool="cls")
 

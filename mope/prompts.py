@@ -202,7 +202,7 @@ class PromptGenerator(nn.Module):
         self.reset_prompts()
 
     def reset_prompts(self) -> None:
-        scale = self.cfg.prompt_init_scale or self.layout.prompt_init_scale
+        scale = self.layout.prompt_init_scale if self.cfg.prompt_init_scale is None else self.cfg.prompt_init_scale
         tensors = [self.shallow] + [t for blk in self.blocks for t in (blk.static, blk.experts)]
         for t in tensors:
             if t is None:
@@ -274,11 +274,16 @@ class PromptPass:
         return gates
 
     # -- BlockPrompter -------------------------------------------------------------------------------------------
+    def needs_x0(self, block_idx: int) -> bool:
+        """x0 is read only by the W_x part of a routed block's router."""
+        slot = self.gen._routed_slot.get(block_idx)
+        return slot is not None and self.gen.blocks[self.gen._slot[block_idx]].w_x is not None
+
     def __call__(self, block_idx: int, x0: Tensor) -> Tensor | None:
         g, cfg = self.gen, self.gen.cfg
         B = x0.shape[0]
         if g.use_shallow and block_idx == 0:
-            return g.dropout(g.shallow).unsqueeze(0).expand(B, -1, -1)
+            return g.dropout(g.shallow.unsqueeze(0).expand(B, -1, -1))  # per-sample dropout mask, as VPT
         slot = g._slot.get(block_idx)
         if slot is None:
             return None

@@ -105,6 +105,16 @@ def pool_x0(x: Tensor, mode: str, num_prefix: int, num_prompts: int) -> Tensor:
     raise ValueError(f"x0_pool={mode!r}: allowed values are {X0_POOLS}")
 
 
+def needs_x0(prompter: BlockPrompter, block_idx: int) -> bool:
+    """Whether `prompter` reads x0 at this block (a prompter may expose ``needs_x0(block_idx)``; default: yes).
+
+    Adapters skip pooling the block input when it is not read (e.g. unrouted blocks, static-only prompters) and pass
+    ``x[:, 0]`` instead: a free view that still carries the batch size, dtype and device.
+    """
+    fn = getattr(prompter, "needs_x0", None)
+    return True if fn is None else bool(fn(block_idx))
+
+
 def frozen_forward_guard(module: nn.Module) -> bool:
     """True when no parameter of `module` needs a gradient (lets adapters skip autograd bookkeeping)."""
     return not any(p.requires_grad for p in module.parameters())
@@ -118,6 +128,7 @@ __all__ = [
     "X0_POOLS",
     "frozen_forward_guard",
     "mean_tokens",
+    "needs_x0",
     "pool_x0",
     "torch",
 ]

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import X0_POOLS, BlockPrompter, EncoderInputs, EncoderLayout, PromptableEncoder, pool_x0
+from .base import X0_POOLS, BlockPrompter, EncoderInputs, EncoderLayout, PromptableEncoder, needs_x0, pool_x0
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class HFBertAdapter(PromptableEncoder):
         num_prompts = 0
         for i, layer in enumerate(self.model.encoder.layer):
             if prompter is not None:
-                p = prompter(i, self._x0(h, num_prompts, masks))
+                p = prompter(i, self._x0(h, num_prompts, masks) if needs_x0(prompter, i) else h[:, 0])
                 if p is not None:
                     h = self.insert_prompts(h, p, num_prompts)
                     num_prompts = p.shape[1]

@@ -34,7 +34,15 @@ from timm.models.swin_transformer import SwinTransformer, window_partition, wind
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mope.backbones.base import X0_POOLS, BlockPrompter, EncoderInputs, EncoderLayout, PromptableEncoder, pool_x0
+from mope.backbones.base import (
+    X0_POOLS,
+    BlockPrompter,
+    EncoderInputs,
+    EncoderLayout,
+    PromptableEncoder,
+    needs_x0,
+    pool_x0,
+)
 from mope.prompts import vpt_init_scale
 
 WINDOW_PROMPT_LAYOUTS = ("correct", "reference")
@@ -148,7 +156,8 @@ class TimmSwinAdapter(PromptableEncoder):
             ckpt = getattr(stage, "grad_checkpointing", False) and torch.is_grad_enabled()
             for blk in stage.blocks:
                 if prompter is not None:
-                    p = prompter(idx, pool_x0(x, self.x0_pool, num_prefix=0, num_prompts=P))
+                    x0 = pool_x0(x, self.x0_pool, num_prefix=0, num_prompts=P) if needs_x0(prompter, idx) else x[:, 0]
+                    p = prompter(idx, x0)
                     if p is not None:
                         if p.dim() != 3 or p.shape[0] != B or p.shape[2] != x.shape[2]:
                             raise ValueError(

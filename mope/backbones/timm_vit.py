@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mope.backbones.base import BlockPrompter, EncoderLayout, PromptableEncoder, pool_x0
+from mope.backbones.base import BlockPrompter, EncoderLayout, PromptableEncoder, needs_x0, pool_x0
 from mope.prompts import vpt_init_scale
 
 
@@ -48,7 +48,8 @@ class TimmViTAdapter(PromptableEncoder):
         n_prompt = 0
         for i, blk in enumerate(self.model.blocks):
             if prompter is not None:
-                p = prompter(i, pool_x0(x, self.x0_pool, npf, n_prompt))
+                x0 = pool_x0(x, self.x0_pool, npf, n_prompt) if needs_x0(prompter, i) else x[:, 0]
+                p = prompter(i, x0)
                 if p is not None:
                     x = _splice(x, p, npf, n_prompt)
                     n_prompt = p.shape[1]

@@ -152,3 +152,25 @@ def test_custom_blackbox_complementary_encoder_bag_of_words():
         if proj:
             assert bow.proj.weight.grad is not None  # the BoW projector trains (Table 5 "BoW*")
         assert model.main_prompts.mapper.down.weight.grad is not None
+
+
+def test_adapter_refuses_other_frozen_backbone_and_missing_config(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg = tiny_cfg("mope")
+    a = build(cfg, seed=0)
+    save_adapter(a, tmp_path / "ad")
+    other = build(cfg, seed=5)  # same config, different frozen encoder weights
+    with pytest.raises(AdapterMismatchError, match="frozen main_encoder weights differ"):
+        load_adapter(other, tmp_path / "ad")
+    state = load_file(str(tmp_path / "ad" / "adapter.safetensors"))
+    save_file(state, str(tmp_path / "ad" / "adapter.safetensors"))  # no metadata
+    with pytest.raises(AdapterMismatchError, match="no model config"):
+        load_adapter(a, tmp_path / "ad")
+    load_adapter(a, tmp_path / "ad", check_config=False)
+
+
+def test_new_model_keeps_frozen_timm_encoder_in_eval():
+    model = build(tiny_cfg("mope", TINY_SWIN))
+    assert model.training and not model.main_encoder.training
+    assert model.main_prompts.training

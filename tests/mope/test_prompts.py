@@ -76,6 +76,7 @@ def test_routing_rows_sum_to_one_and_prompt_shapes():
 
 def test_swin_default_block0_unrouted_uses_shallow_then_carries():
     gen = make_gen(route_block0=False)
+    gen.eval()  # no dropout: the shallow prompt is then identical for every sample
     assert gen.routed_blocks == [1, 3]
     p, outs = run_pass(gen)
     assert outs[0] is not None and outs[0].shape == (5, 7, 16)
@@ -175,3 +176,18 @@ def test_fusion_config_roundtrip_and_unknown_field():
 def test_prompt_counts():
     m = MoPEConfig(num_experts=4, prompt_len=6)
     assert m.num_prompts == 13 and m.tunable_prompts_per_layer == 31
+
+
+def test_shallow_prompt_dropout_mask_per_sample():
+    gen = make_gen(route_block0=False)
+    gen.train()
+    _, outs = run_pass(gen, B=8)
+    assert not torch.equal(outs[0][0], outs[0][1])
+
+
+def test_unrouted_blocks_do_not_need_x0():
+    gen = make_gen(route_block0=False)
+    p = gen.bind(torch.randn(2, 12), 2)
+    assert [p.needs_x0(b) for b in range(4)] == [False, True, False, True]
+    static_only = make_gen(use_dynamic=False, use_mapped=False)
+    assert not any(static_only.bind(None, 2).needs_x0(b) for b in range(4))
