@@ -1,0 +1,450 @@
+"""Experiment tracking for training runs: a small ``Tracker`` protocol, an MLflow implementation and a no-op one.
+
+Design (``shared/docs/architecture.md`` §5, §7 and pitfalls 8–10):
+
+* Only the explicit client API (``mlflow.tracking.MlflowClient(tracking_uri)``) and explicit run ids are used, never
+  the fluent ``mlflow.start_run``/``mlflow.log_*`` state, which is process- and thread-local: two Ray tasks would get two
+  runs (pitfall 9). Every process passes the tracking URI itself (mlflow#7206, ray#36257).
+* Rank 0 logs; other ranks get a :class:`NoopTracker` from :func:`make_tracker` (one run per GPU otherwise, mlflow#11782).
+* A retried trial finds its run by the ``harness.trial_key`` tag and resumes it instead of creating a duplicate
+  (the composer#3263 / lightly-train#334 pattern). Params are immutable in MLflow (mlflow#4248): they are logged when
+  the run is new and *verified* when it is resumed; a changed configuration is an error naming the keys.
+* Child runs in another process get ``mlflow.parentRunId`` set explicitly (``nested=True`` is in-process only).
+* Metrics are logged against an explicit global step, so a resumed run overwrites instead of interleaving.
+
+The default store is a local SQLite file (``sqlite:///<run_dir>/mlflow.db``) with artifacts in ``<run_dir>/mlartifacts``;
+``mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db`` shows runs and artifacts. ``MLFLOW_TRACKING_URI``
+overrides it (a tracking server for clusters: a SQLite file on a shared FS is not safe for many writers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+log = logging.getLogger(__name__)
+
+RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+TRIAL_KEY_TAG = "harness.trial_key"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+DB_FILE = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+
+# MLflow limits (mlflow/utils/validation.py, MLflow 3.17): 100 params/tags and 1000 metrics per log_batch call,
+# param values ≤ 6000 chars, tag values ≤ 8000 chars.
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAM_VAL_LENGTH = 6000
+MAX_TAG_VAL_LENGTH = 8000
+
+
+class ParamConflictError(ValueError):
+    """A resumed run was opened with a configuration that differs from the params it already holds."""
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """What the training worker logs through. Implementations: :class:`MLflowTracker`, :class:`NoopTracker`."""
+
+    @property
+    def run_id(self) -> str | None: ...
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_dict(self, obj: Any, name: str) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+
+    def finish(self, status: RunStatus = "FINISHED") -> None: ...
+
+
+# -- config flattening ---------------------------------------------------------------------------------------------------
+def flatten_config(cfg: Mapping[str, Any], *, max_value_length: int = MAX_PARAM_VAL_LENGTH) -> dict[str, str]:
+    """Flattens a nested (resolved) config into MLflow params: dotted keys, string values.
+
+    * nested mappings → ``a.b.c`` keys; an empty mapping → ``"{}"``;
+    * lists/tuples of scalars → one JSON value (``trainer.milestones = "[3, 6]"``); lists containing mappings or
+      lists → indexed keys (``a.0.b``);
+    * scalars → ``str(value)`` (``None`` → ``"None"``, ``True`` → ``"True"``, floats via ``repr``);
+    * values are truncated to MLflow's limit (what MLflow itself would store), so a stored param compares equal to a
+      freshly flattened one.
+
+    An OmegaConf ``DictConfig`` is resolved first.
+    """
+    cfg = _to_plain(cfg)
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"flatten_config expects a mapping, got {type(cfg).__name__}")
+    out: dict[str, str] = {}
+
+    def put(key: str, value: str) -> None:
+        out[key] = value[:max_value_length]
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, Mapping):
+            if not node and prefix:
+                put(prefix, "{}")
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, (list, tuple)):
+            if any(isinstance(x, (Mapping, list, tuple)) for x in node):
+                for i, v in enumerate(node):
+                    walk(f"{prefix}.{i}", v)
+            else:
+                put(prefix, json.dumps([_scalar(x) for x in node]))
+        else:
+            put(prefix, _scalar_str(node))
+
+    walk("", cfg)
+    return out
+
+
+def _to_plain(cfg: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return cfg
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def _scalar(x: Any) -> Any:
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return str(x)
+
+
+def _scalar_str(x: Any) -> str:
+    if isinstance(x, float):
+        return repr(x)
+    if hasattr(x, "value") and not isinstance(x, (int, float, str)):  # Enum members: their value, not "Cls.NAME"
+        return str(x.value)
+    return str(x)
+
+
+def _chunks(items: list, n: int) -> Iterable[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+# -- tracking URI ------------------------------------------------------------------------------------------------------
+def default_tracking_uri(run_dir: str | Path) -> str:
+    """``$MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<abs run_dir>/mlflow.db`` (the directory is created)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    d = Path(run_dir).expanduser().resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{d / DB_FILE}"
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """Where a *new* experiment keeps its artifacts: ``<dir of the SQLite file>/mlartifacts`` (absolute ``file://``
+    URI) for a local SQLite store, ``None`` (the server's default) otherwise.
+
+    Without it, MLflow's SQLite store puts artifacts under ``./mlruns`` of whatever the current directory was when the
+    experiment was created, which Ray trials change (pitfall 11).
+    """
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    db = tracking_uri[len(prefix) :]
+    if db in ("", ":memory:"):
+        return None
+    # sqlite:////abs/path -> "/abs/path"; sqlite:///rel/path -> relative to the cwd (resolved now, once).
+    return (Path(db).expanduser().resolve().parent / ARTIFACT_DIR).as_uri()
+
+
+def ensure_experiment(client: Any, name: str, artifact_location: str | None = None) -> str:
+    """Returns the id of experiment `name`, creating it (with `artifact_location`) if missing. Safe against a
+    concurrent creator (another trial process racing on the same name)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as e:  # lost the race: someone created it in between
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            log.debug("experiment %r created concurrently (%s)", name, e)
+    if exp.lifecycle_stage != "active":
+        raise RuntimeError(
+            f"MLflow experiment {name!r} (id {exp.experiment_id}) is deleted; restore it "
+            f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or use another experiment name"
+        )
+    if artifact_location and exp.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
+        log.info("experiment %r keeps its artifact location %s", name, exp.artifact_location)
+    return exp.experiment_id
+
+
+# -- implementations ---------------------------------------------------------------------------------------------------
+class NoopTracker:
+    """Logs nothing: for ranks ≠ 0, tests and runs with tracking off."""
+
+    run_id: str | None = None
+    resumed = False
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def finish(self, status: RunStatus = "FINISHED") -> None:
+        _check_status(status)
+
+    def __enter__(self) -> NoopTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        pass
+
+
+def _check_status(status: str) -> None:
+    if status not in TERMINAL_STATUSES:
+        raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
+
+
+class MLflowTracker:
+    """One MLflow run, addressed by id through an explicit ``MlflowClient``. Build it with :meth:`open`.
+
+    Usable as a context manager: the run ends FINISHED, FAILED on an exception, KILLED on ``KeyboardInterrupt``.
+    """
+
+    def __init__(self, client: Any, run_id: str, *, resumed: bool = False):
+        self.client = client
+        self._run_id = run_id
+        self.resumed = resumed
+        self._finished = False
+
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+    @classmethod
+    def open(
+        cls,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        trial_key: str,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        *,
+        params: Mapping[str, Any] | None = None,
+        artifact_location: str | None = None,
+    ) -> MLflowTracker:
+        """Resumes the run tagged ``harness.trial_key = trial_key`` in `experiment`, or creates it.
+
+        Args:
+            tracking_uri: explicit store URI (see :func:`default_tracking_uri`).
+            experiment: experiment name; created if missing.
+            run_name: the run's display name (from the config; set only when the run is created).
+            trial_key: stable identity of this trial (``sweep_id/point_id/seed``): a retry finds the same run.
+            parent_run_id: sets the ``mlflow.parentRunId`` tag (the parent lives in another process).
+            tags: extra tags (set on create and on resume; tags are mutable).
+            params: the resolved config (nested or flat); flattened with :func:`flatten_config`. Logged when the
+                run is new; on resume it must equal the stored params (keys missing from the stored run, e.g. after
+                a crash in the middle of the first logging, are added).
+            artifact_location: for a newly created experiment; default :func:`default_artifact_location`.
+
+        Raises:
+            ParamConflictError: resumed run whose stored params differ from `params` (the keys are named).
+        """
+        from mlflow.tracking import MlflowClient
+
+        if "'" in trial_key:
+            raise ValueError(f"trial_key must not contain a single quote (MLflow filter syntax): {trial_key!r}")
+        client = MlflowClient(tracking_uri=tracking_uri)
+        if artifact_location is None:
+            artifact_location = default_artifact_location(tracking_uri)
+        exp_id = ensure_experiment(client, experiment, artifact_location)
+        found = client.search_runs(
+            [exp_id],
+            filter_string=f"tags.`{TRIAL_KEY_TAG}` = '{trial_key}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=10,
+        )
+        all_tags = {TRIAL_KEY_TAG: trial_key, **{str(k): v for k, v in (tags or {}).items()}}
+        if parent_run_id:
+            all_tags[PARENT_RUN_TAG] = parent_run_id
+        if found:
+            run = found[0]
+            if len(found) > 1:
+                log.warning(
+                    "%d MLflow runs carry %s=%r; resuming the oldest, %s",
+                    len(found),
+                    TRIAL_KEY_TAG,
+                    trial_key,
+                    run.info.run_id,
+                )
+            tracker = cls(client, run.info.run_id, resumed=True)
+            if params is not None:
+                tracker._verify_and_complete_params(flatten_config(params), run.data.params)
+            client.update_run(run.info.run_id, status="RUNNING")
+            tracker.set_tags(all_tags)
+            log.info("resumed MLflow run %s (trial %s)", run.info.run_id, trial_key)
+        else:
+            str_tags = {k: _tag_value(v) for k, v in all_tags.items()}
+            run = client.create_run(exp_id, tags=str_tags, run_name=run_name)
+            tracker = cls(client, run.info.run_id, resumed=False)
+            if params is not None:
+                tracker.log_params(params)
+            log.info("created MLflow run %s (trial %s)", run.info.run_id, trial_key)
+        return tracker
+
+    # -- params --------------------------------------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Logs (flattened) params. A key the run already holds must have the same value (params are immutable,
+        mlflow#4248); keys already stored with that value are skipped, so calling this again after a resume is safe."""
+        flat = flatten_config(params)
+        stored = self.client.get_run(self._run_id).data.params
+        conflicts = {k: (stored[k], v) for k, v in flat.items() if k in stored and stored[k] != v}
+        if conflicts:
+            raise ParamConflictError(self._conflict_message(conflicts, [], []))
+        self._log_params_batches({k: v for k, v in flat.items() if k not in stored})
+
+    def _verify_and_complete_params(self, flat: dict[str, str], stored: Mapping[str, str]) -> None:
+        changed = {k: (stored[k], flat[k]) for k in flat if k in stored and stored[k] != flat[k]}
+        removed = sorted(set(stored) - set(flat))
+        if changed or removed:
+            raise ParamConflictError(self._conflict_message(changed, removed, sorted(set(flat) - set(stored))))
+        missing = {k: v for k, v in flat.items() if k not in stored}
+        if missing:
+            log.info("run %s: logging %d params missing from the stored run", self._run_id, len(missing))
+        self._log_params_batches(missing)
+
+    def _conflict_message(self, changed: dict, removed: list, added: list) -> str:
+        lines = [f"MLflow run {self._run_id} was logged with a different configuration (params are immutable):"]
+        lines += [f"  {k}: stored {a!r}, now {b!r}" for k, (a, b) in sorted(changed.items())[:20]]
+        if len(changed) > 20:
+            lines.append(f"  ... and {len(changed) - 20} more changed keys")
+        if removed:
+            lines.append(f"  only in the stored run: {removed[:20]}")
+        if added:
+            lines.append(f"  only in the new config: {added[:20]}")
+        lines.append("Resume with the original config, or use a new trial_key (a new point_id) for a changed config.")
+        return "\n".join(lines)
+
+    def _log_params_batches(self, flat: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in flat.items()]
+        for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self._run_id, params=chunk, synchronous=True)
+
+    # -- metrics, tags, artifacts ----------------------------------------------------------------------------------
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Logs every metric at global `step` (batched). Values may be Python/numpy numbers or 0-d tensors."""
+        from mlflow.entities import Metric
+
+        if isinstance(step, bool) or not isinstance(step, int):
+            step = int(step)
+        ts = int(time.time() * 1000)
+        items = [Metric(str(k), _to_float(k, v), ts, step) for k, v in metrics.items()]
+        for chunk in _chunks(items, MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self._run_id, metrics=chunk, synchronous=True)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(str(k), _tag_value(v)) for k, v in tags.items()]
+        for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self._run_id, tags=chunk, synchronous=True)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Uploads a file, or a directory's contents, under `artifact_path` of the run's artifact root."""
+        p = Path(path)
+        if p.is_dir():
+            self.client.log_artifacts(self._run_id, str(p), artifact_path)
+        elif p.is_file():
+            self.client.log_artifact(self._run_id, str(p), artifact_path)
+        else:
+            raise FileNotFoundError(f"artifact {p} does not exist")
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        """Writes `obj` as JSON (``.json``) or YAML (``.yaml``/``.yml``) artifact `name` (may contain folders)."""
+        self.client.log_dict(self._run_id, _to_plain(obj), name)
+
+    def finish(self, status: RunStatus = "FINISHED") -> None:
+        _check_status(status)
+        self.client.set_terminated(self._run_id, status=status)
+        self._finished = True
+
+    def __enter__(self) -> MLflowTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.finish("KILLED")
+        else:
+            self.finish("FAILED")
+
+
+def _to_float(key: Any, v: Any) -> float:
+    try:
+        return float(v.item() if hasattr(v, "item") else v)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"metric {key!r}: value {v!r} is not a number") from e
+
+
+def _tag_value(v: Any) -> str:
+    s = v if isinstance(v, str) else (json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    return s[:MAX_TAG_VAL_LENGTH]
+
+
+def make_tracker(
+    rank: int,
+    *,
+    tracking_uri: str | None,
+    experiment: str,
+    run_name: str,
+    trial_key: str,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
+    enabled: bool = True,
+) -> Tracker:
+    """The tracker for one worker process: :class:`MLflowTracker` on rank 0, :class:`NoopTracker` elsewhere (and
+    when `enabled` is false or `tracking_uri` is None)."""
+    if rank != 0 or not enabled or tracking_uri is None:
+        return NoopTracker()
+    return MLflowTracker.open(
+        tracking_uri, experiment, run_name, trial_key, parent_run_id=parent_run_id, tags=tags, params=params
+    )
+
+
+__all__ = [
+    "MLflowTracker",
+    "NoopTracker",
+    "ParamConflictError",
+    "Tracker",
+    "default_artifact_location",
+    "default_tracking_uri",
+    "ensure_experiment",
+    "flatten_config",
+    "make_tracker",
+]
