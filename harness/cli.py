@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "inspect": ("harness.inspect_cmd", "main", "parameter counts and attention lengths of a model preset"),
     "prep": ("datasets_prep.cli", "main", "convert raw datasets to WebDataset shards, verify, few-shot subsets"),
+    "validate": ("harness.compose", "main", "compose and check one training configuration (Hydra overrides)"),
 }
 
 

@@ -60,11 +60,20 @@ def load_timm_weights(model: nn.Module, weights: str | Path) -> None:
 
 
 def _create_timm(cfg: EncoderConfig) -> nn.Module:
+    import json
+
     import timm
 
-    kwargs = dict(cfg.kwargs)
+    name, kwargs = cfg.name, dict(cfg.kwargs)
+    if name == "auto":  # architecture recorded beside the weights (e.g. the demo encoder written by `harness prep demo`)
+        cfg_file = Path(cfg.weights or "") / "config.json"
+        if not cfg.weights or not cfg_file.is_file():
+            raise FileNotFoundError(f"encoder.name=auto needs encoder.weights to be a directory with config.json; "
+                                    f"{cfg_file} not found")
+        meta = json.loads(cfg_file.read_text())
+        name, kwargs = meta["timm_model"], {**meta.get("timm_kwargs", {}), **kwargs}
     kwargs.setdefault("num_classes", 0)
-    model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+    model = timm.create_model(name, pretrained=False, **kwargs)
     if cfg.weights:
         load_timm_weights(model, cfg.weights)
     return model
