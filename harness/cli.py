@@ -15,6 +15,7 @@ COMMANDS = {
     "inspect": ("harness.inspect_cmd", "main", "parameter counts and attention lengths of a model preset"),
     "prep": ("datasets_prep.cli", "main", "convert raw datasets to WebDataset shards, verify, few-shot subsets"),
     "validate": ("harness.compose", "main", "compose and check one training configuration (Hydra overrides)"),
+    "train": ("harness.train_cmd", "main", "train one configuration (DeepSpeed or torch engine), tracked in MLflow"),
 }
 
 

@@ -1,0 +1,101 @@
+"""The training worker end to end on a small demo build: learning, MLflow contents, resume = uninterrupted run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.compose import compose
+from harness.train_cmd import open_tracker, run
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    from datasets_prep.demo import DemoConfig, build_demo
+    from datasets_prep.pretrain_vision import PretrainConfig
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    cfg = DemoConfig(
+        train_pairs=512, val_pairs=128, test_pairs=128,
+        pretrain=PretrainConfig(embed_dim=32, depth=2, num_heads=2, epochs=1, grids_per_epoch=256, val_grids=64,
+                                batch_size=64, threads=1),
+    )
+    build_demo(out, cfg, shard_size=32, verbose=False)
+    return out
+
+
+def cfg_for(demo: Path, run_root: Path, *extra: str) -> dict:
+    return compose([
+        "experiment=demo_mope", f"data.shard_dir={demo}", f"vision.weights={demo}/vision_encoder",
+        f"paths.run_root={run_root}", "data.auto_prepare=false", "deepspeed=off", "trainer.num_workers=0",
+        "trainer.batch_size=32", "trainer.log_every_steps=4", "trainer.routing_stats_every_steps=4",
+        "trainer.threads=1", "trainer.lr_vision=1e-2", "trainer.lr_text=1e-2", *extra,
+    ])
+
+
+def _client(cfg):
+    from mlflow.tracking import MlflowClient
+
+    from harness.tracking import default_tracking_uri
+
+    return MlflowClient(default_tracking_uri(cfg["paths"]["run_root"]))
+
+
+def test_train_logs_everything_and_learns(small_demo, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = cfg_for(small_demo, tmp_path, "trainer.epochs=3")
+    summary = run(cfg)
+    assert summary["finished"] and summary["step"] == 3 * 16
+    c = _client(cfg)
+    r = c.get_run(summary["run_id"])
+    assert r.info.status == "FINISHED"
+    assert r.data.params["mope.num_experts"] == "4" and r.data.params["method.name"] == "mope"
+    loss = [m.value for m in c.get_metric_history(r.info.run_id, "train/loss")]
+    assert len(loss) == 12 and loss[-1] < loss[0]  # the training loss goes down
+    ent = c.get_metric_history(r.info.run_id, "routing/entropy")
+    assert len(ent) == 12 and all(0 <= m.value <= 2.0 + 1e-6 for m in ent)  # log2(4) bits at most
+    assert "routing/importance_last/e3" in r.data.metrics and "routing/entropy_block1" in r.data.metrics
+    for k in ("final/test_acc", "final/test_acc_last", "final/val_acc_best", "perf/train_samples_per_s",
+              "perf/data_wait_frac", "perf/peak_mem_mb", "val/acc"):
+        assert k in r.data.metrics, k
+    arts = {a.path for a in c.list_artifacts(r.info.run_id)}
+    assert {"provenance.json", "config.yaml", "adapter"} <= arts
+    assert {a.path for a in c.list_artifacts(r.info.run_id, "adapter")} >= {"adapter/adapter.safetensors"}
+
+
+def test_resume_reproduces_uninterrupted_run(small_demo, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    full = run(cfg_for(small_demo, tmp_path / "a", "trainer.epochs=3"))
+    cfg_b = cfg_for(small_demo, tmp_path / "b", "trainer.epochs=3")
+    part = run(cfg_b, stop_after_epochs=1)  # "crash" after epoch 1
+    assert not part["finished"] and part["step"] == 16
+    resumed = run(cfg_for(small_demo, tmp_path / "b", "trainer.epochs=3", "resume=true"))
+    assert resumed["step"] == full["step"] == 48
+    assert resumed["run_id"] == part["run_id"]  # the same MLflow run continues (found by its trial key)
+    for k in ("final/test_acc", "final/val_acc_best", "final/test_loss_last"):
+        assert resumed[k] == pytest.approx(full[k], abs=1e-6), k
+    from safetensors.torch import load_file
+
+    a = load_file(str(Path(full["run_dir"]) / "adapter" / "adapter.safetensors"))
+    b = load_file(str(Path(resumed["run_dir"]) / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    hist = _client(cfg_b).get_metric_history(resumed["run_id"], "train/loss")
+    assert sorted(m.step for m in hist) == list(range(4, 49, 4))  # no duplicated or missing steps
+
+
+def test_nan_loss_fails_the_run_and_keeps_logged_data(small_demo, tmp_path, monkeypatch):
+    from harness.worker import TrainingDiverged
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = cfg_for(small_demo, tmp_path, "trainer.epochs=1", "trainer.lr_vision=1e30", "trainer.lr_text=1e30")
+    tracker = open_tracker(cfg)
+    with pytest.raises(TrainingDiverged, match="at step"):
+        run(cfg, tracker=None)
+    r = _client(cfg).get_run(tracker.run_id)
+    assert r.info.status == "FAILED" and "at step" in r.data.tags["harness.error"]
+    assert r.data.params["seed"] == "0"
