@@ -68,7 +68,8 @@ def tokenizer_for(text_cfg: dict[str, Any]) -> str | None:
 def prepare_data(cfg: dict[str, Any]) -> Path:
     d = cfg["data"]
     shard_dir = Path(d["shard_dir"])
-    if d["name"] == "demo" and d.get("auto_prepare"):
+    if d["name"] == "demo" and d.get("auto_prepare") and not (shard_dir / "dataset.json").is_file():
+        # build only when nothing is there: an existing build (maybe a custom-sized one) is never replaced here
         from datasets_prep.demo import ensure_demo
 
         ensure_demo(shard_dir)
