@@ -8,7 +8,7 @@ Task
     Each image (32x32 grey PNG) is a 2x2 grid of four real digits, each upsampled 8->16 px (bilinear) to fill its
     16x16 cell (4x4 patches of 4 px). The text is a templated statement about the grid; the label is
     ``entailment`` (1) if the statement is true of the image, else ``contradiction`` (0) -- SNLI-VE's label names.
-    Nine templates of three difficulty levels (:data:`TEMPLATES`), ~130 distinct statements:
+    Nine templates of three difficulty levels (:data:`TEMPLATES`), 157 distinct statements:
 
     - easy: one cell -- "the top left digit is a seven", "... is even", "... is greater than five";
     - medium: whole grid / two cells -- "there is a three in the picture", "exactly two of the four digits are even",
@@ -21,7 +21,9 @@ Both modalities are needed, by construction
     and an image B drawn uniformly among digit grids where s is false and t is true; the quad gives the four pairs
     (A, s, 1), (A, t, 0), (B, s, 0), (B, t, 1). Hence in every split **each exact statement text, each template and
     each image has exactly as many entailed as contradicted pairs**: a text-only or image-only classifier scores exactly
-    50% on every split. Labels are balanced overall (50/50).
+    50% on every split. Labels are balanced overall (50/50). Measured sanity check on the default build (frozen demo ViT
+    [CLS] + frozen MiniLM mean-pooled text -> 2-layer MLP): text-only 50.0%, image-only ~50%, late fusion ~74% test
+    (99.6% train; "compare" templates ~56%, "contains" ~88%): both modalities needed, far from saturated.
 
 No test digit is seen in training
     The 1,797 source scans are split per class (seeded hash order) 60/20/20 into train/val/test source pools; a split's
@@ -32,8 +34,10 @@ Sizes (defaults): 8,000 train / 1,600 val / 2,000 test pairs (each image appears
 
 Vision encoder
     :mod:`datasets_prep.pretrain_vision` pretrains a small timm ViT (dim 128, depth 4, 4 heads, patch 4, [CLS]) on an
-    image-only pretext task (digit class of each cell) using grids of the *training* source digits only; written to
-    ``OUT/vision_encoder/{model.safetensors,config.json}``.
+    image-only pretext task (digit class of each cell) using grids of the *training* source digits only, one thread,
+    9 x 4,096 grids (pretext val cell accuracy of the [CLS] head ~0.93); written to
+    ``OUT/vision_encoder/{model.safetensors,config.json}``. Build time: ~6 s of data + ~4.5 min of pretraining on one
+    core (measured on a shared 2-core machine).
 
 Output layout::
 
@@ -77,17 +81,17 @@ __all__ = [
     "CONVERTER_VERSION",
     "LABELS",
     "SPLITS",
-    "DemoConfig",
     "TEMPLATES",
+    "DemoConfig",
     "Statement",
-    "statements",
-    "split_source_digits",
-    "compose_grids",
-    "make_pairs",
     "build_demo",
+    "compose_grids",
     "convert",
     "ensure_demo",
     "is_complete",
+    "make_pairs",
+    "split_source_digits",
+    "statements",
 ]
 
 CONVERTER_VERSION = "1"
@@ -103,10 +107,7 @@ DIGIT = 16  # digit side after upsampling (8 -> 16 px, bilinear); placed at a ra
 # aligned with the 4-px patch grid; a 14-px digit with 0-2 px jitter made the ViT pretext learn ~2x slower)
 CELL_NAMES = ("top left", "top right", "bottom left", "bottom right")  # row-major
 LINES = {"top row": (0, 1), "bottom row": (2, 3), "left column": (0, 2), "right column": (1, 3)}
-WORDS = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen twenty"
-).split()
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
 _TENS = {20: "twenty", 30: "thirty"}
 
 
@@ -129,6 +130,7 @@ class DemoConfig:
     test_pairs: int = 2000
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     template_weights: tuple[float, ...] | None = None  # None: equal weight per template
+    min_shards: int = MIN_SHARDS  # per split (shard size lowered accordingly; streaming needs shards >> ranks x workers)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def pairs(self, split: str) -> int:
@@ -254,8 +256,8 @@ def split_source_digits(labels: np.ndarray, seed: int, fractions=(0.6, 0.2, 0.2)
         idx = np.flatnonzero(labels == c)
         idx = sorted(idx.tolist(), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
         n = len(idx)
-        n_tr = int(round(fractions[0] * n))
-        n_va = int(round(fractions[1] * n))
+        n_tr = round(fractions[0] * n)
+        n_va = round(fractions[1] * n)
         out["train"] += idx[:n_tr]
         out["val"] += idx[n_tr : n_tr + n_va]
         out["test"] += idx[n_tr + n_va :]
@@ -334,7 +336,7 @@ def make_pairs(n_pairs: int, rng: np.random.Generator, template_weights=None) ->
         ta = truth[a]
         s = pick(ta, True)
         not_s = ~truth[:, s]
-        t = pick(ta, False, ok=lambda c: bool((not_s & truth[:, c]).any()))
+        t = pick(ta, False, ok=lambda c, not_s=not_s: bool((not_s & truth[:, c]).any()))
         cand_b = np.flatnonzero(not_s & truth[:, t])
         b = int(cand_b[rng.integers(len(cand_b))])
         da, db = all_grids[a], all_grids[b]
@@ -385,13 +387,18 @@ def build_demo(out: Path, cfg: DemoConfig = DemoConfig(), *, shard_size: int = D
         if not ok:
             raise PrepError(f"{out} exists, is not empty and is not a demo build; choose another --out or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
     t0 = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         summary = _build_into(tmp, cfg, shard_size=shard_size, verbose=verbose)
+        umask = os.umask(0o22)
+        os.umask(umask)
+        for d in (tmp, *(p for p in tmp.rglob("*") if p.is_dir())):
+            os.chmod(d, 0o777 & ~umask)  # mkdtemp (here and in the shard writer) makes 0700 directories
         old = None
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
             os.rmdir(old)
             os.replace(out, old)
         os.replace(tmp, out)
@@ -404,6 +411,25 @@ def build_demo(out: Path, cfg: DemoConfig = DemoConfig(), *, shard_size: int = D
     if verbose:
         log(f"demo built in {summary['seconds']:.0f}s -> {out}")
     return summary
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove temp dirs left by a killed build (``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` whose PID is gone)."""
+    for p in out.parent.glob(f".{out.name}.*-*-*"):
+        parts = p.name[len(out.name) + 2 :].split("-")
+        if len(parts) < 3 or parts[0] not in ("tmp", "old") or not parts[1].isdigit() or not p.is_dir():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # a live build (another process)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        if parts[0] == "old" and not out.exists():
+            os.replace(p, out)  # killed between the two renames: put the previous complete build back
+        else:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _build_into(out: Path, cfg: DemoConfig, *, shard_size: int, verbose: bool) -> dict:
@@ -425,11 +451,11 @@ def _build_into(out: Path, cfg: DemoConfig, *, shard_size: int, verbose: bool) -
             train_pixels.append(images)
         pngs = [_png(im) for im in images]
         n = len(pairs)
-        ss = effective_shard_size(n, shard_size, MIN_SHARDS)
+        ss = effective_shard_size(n, shard_size, cfg.min_shards)
         with ShardSetWriter(
             out, split, dataset=DATASET, task="single_label", labels=LABELS, shard_size=ss,
             source_checksum=src.sha256(split), converter_version=CONVERTER_VERSION,
-            extra={"demo": {"images": n_img, "source_digits": int(len(src.pools[split])), "seed": cfg.seed,
+            extra={"demo": {"images": n_img, "source_digits": len(src.pools[split]), "seed": cfg.seed,
                             "image_size": IMG}},
         ) as w:
             it = progress(range(n), total=n, desc=f"demo {split}") if verbose else range(n)
@@ -465,7 +491,7 @@ def _build_into(out: Path, cfg: DemoConfig, *, shard_size: int, verbose: bool) -
             "image_size": IMG,
             "templates": TEMPLATES,
             "num_statements": len(stmts),
-            "source_digits": {s: int(len(v)) for s, v in src.pools.items()},
+            "source_digits": {s: len(v) for s, v in src.pools.items()},
             "vision_encoder": "vision_encoder",
             "normalization": {"mean": enc["mean"], "std": enc["std"]},
             "config": {**asdict(cfg), "shard_size": shard_size},
@@ -484,6 +510,8 @@ def _build_into(out: Path, cfg: DemoConfig, *, shard_size: int, verbose: bool) -
 def _config_from_options(options: dict) -> DemoConfig:
     pre_keys = {f for f in PretrainConfig.__dataclass_fields__}
     demo_keys = {f for f in DemoConfig.__dataclass_fields__} - {"pretrain"}
+    if int(options.pop("max_image_side", 0) or 0):
+        raise PrepError("max_image_side does not apply to the demo (its images are 32x32)")
     bad = sorted(set(options) - pre_keys - demo_keys - {"verbose"})
     if bad:
         raise PrepError(f"unknown demo options {bad}; demo options: {sorted(demo_keys)}, pretraining: {sorted(pre_keys)}")

@@ -35,17 +35,17 @@ from pathlib import Path
 from datasets_prep.writer import PrepError, read_manifest, sha256_file
 
 __all__ = [
-    "read_split_index",
+    "build_fewshot",
+    "fewshot_main",
     "fewshot_order",
     "fewshot_path",
-    "build_fewshot",
     "read_fewshot",
-    "fewshot_main",
+    "read_split_index",
 ]
 
 
 def _rank(seed: int, item: str) -> str:
-    return hashlib.sha256(f"{seed}:{item}".encode("utf-8")).hexdigest()
+    return hashlib.sha256(f"{seed}:{item}".encode()).hexdigest()
 
 
 def read_split_index(split_dir: Path) -> list[tuple[str, int | list[int]]]:

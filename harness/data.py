@@ -56,7 +56,6 @@ rank)`` (the DataLoader ``generator``), so a given seed gives the same data orde
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import io
 import json
@@ -64,9 +63,10 @@ import math
 import os
 import random
 import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,21 +74,21 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 __all__ = [
-    "LoaderConfig",
-    "DatasetInfo",
-    "dataset_info",
-    "make_train_loader",
-    "make_eval_loader",
-    "image_transform",
-    "default_tokenizer_path",
-    "RankResampledShards",
-    "StreamingTrainLoader",
-    "FewShotTrainLoader",
-    "EvalLoader",
-    "MMBT_MEAN",
-    "MMBT_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MMBT_MEAN",
+    "MMBT_STD",
+    "DatasetInfo",
+    "EvalLoader",
+    "FewShotTrainLoader",
+    "LoaderConfig",
+    "RankResampledShards",
+    "StreamingTrainLoader",
+    "dataset_info",
+    "default_tokenizer_path",
+    "image_transform",
+    "make_eval_loader",
+    "make_train_loader",
 ]
 
 MMBT_MEAN = (0.4678, 0.4453, 0.4066)
@@ -238,7 +238,7 @@ def image_transform(cfg: LoaderConfig, info: DatasetInfo, train: bool) -> Callab
             ops.append(T.Resize((cfg.image_size, cfg.image_size)))
     else:
         crop = cfg.image_size or 224
-        resize = int(round(crop * 256 / 224))
+        resize = round(crop * 256 / 224)
         if train and cfg.train_augment and name in RANDAUGMENT:
             n, mag = RANDAUGMENT[name]
             ops.append(T.RandAugment(num_ops=n, magnitude=mag))
@@ -266,6 +266,7 @@ class SampleProcessor:
         self.train = train
         self.name = cfg.dataset or info.name
         self.tokenizer_path = str(cfg.tokenizer) if cfg.tokenizer is not None else default_tokenizer_path()
+        _get_tokenizer(self.tokenizer_path)  # load once here: forked workers inherit it (a spawned worker reloads it)
         self.transform = image_transform(cfg, info, train) if "image" in info.modalities else None
         self.multi = info.task == "multi_label"
 
@@ -388,11 +389,19 @@ class _Rebatch:
             yield collate(lst)
 
 
-def _buffer_shuffle(src: Iterator, size: int, rng: random.Random) -> Iterator:
+def _buffer_shuffle(src: Iterator, size: int, rng: random.Random, initial: int = 100) -> Iterator:
+    """Seeded buffer shuffle (webdataset's scheme): starts yielding at ``initial`` items, the buffer then grows to
+    ``size`` (two in, one out), so the first batch does not wait for a full buffer."""
     buf: list = []
+    initial = min(initial, size)
+    src = iter(src)
     for x in src:
         buf.append(x)
-        if len(buf) >= size:
+        if len(buf) < size:
+            nxt = next(src, _END)
+            if nxt is not _END:
+                buf.append(nxt)
+        if len(buf) >= initial:
             i = rng.randrange(len(buf))
             buf[i], buf[-1] = buf[-1], buf[i]
             yield buf.pop()
@@ -400,6 +409,9 @@ def _buffer_shuffle(src: Iterator, size: int, rng: random.Random) -> Iterator:
         i = rng.randrange(len(buf))
         buf[i], buf[-1] = buf[-1], buf[i]
         yield buf.pop()
+
+
+_END = object()
 
 
 def _seed(*parts: Any) -> int:
@@ -447,7 +459,7 @@ class RankResampledShards(wds.ResampledShards):
         urls = split_by_worker(self.urls, worker, nw, fallback_all=True)
         rng = random.Random(_seed("shards", self.seed, self.epoch, self.rank, worker))
         for _ in range(self.nshards):
-            yield dict(url=urls[rng.randrange(len(urls))])
+            yield {"url": urls[rng.randrange(len(urls))]}
 
 
 class _ShardList(torch.utils.data.IterableDataset):
@@ -460,11 +472,11 @@ class _ShardList(torch.utils.data.IterableDataset):
     def __iter__(self):
         worker, nw = _worker()
         for u in split_by_worker(self.urls, worker, nw, fallback_all=False):
-            yield dict(url=u)
+            yield {"url": u}
 
 
 class _WorkerShuffle:
-    def __init__(self, size: int, seed: int, rank: int, box: "RankResampledShards"):
+    def __init__(self, size: int, seed: int, rank: int, box: RankResampledShards):
         self.size, self.seed, self.rank, self.box = size, seed, rank, box
 
     def __call__(self, src):
@@ -509,12 +521,12 @@ def _shard_paths(split_dir: Path, m: dict) -> list[str]:
 
 
 def _loader_kwargs(cfg: LoaderConfig, num_workers: int, seed: int) -> dict:
-    kw: dict[str, Any] = dict(
-        num_workers=num_workers,
-        pin_memory=cfg.pin_memory,
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,
-    )
+    kw: dict[str, Any] = {
+        "num_workers": num_workers,
+        "pin_memory": cfg.pin_memory,
+        "generator": torch.Generator().manual_seed(seed),
+        "persistent_workers": False,
+    }
     if num_workers > 0 and cfg.prefetch_factor is not None:
         kw["prefetch_factor"] = cfg.prefetch_factor
     return kw
