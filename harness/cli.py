@@ -4,6 +4,8 @@
     harness prep DATASET --src RAW_DIR --out SHARD_DIR      (converters: food101, mmimdb, snli_ve, mustard, demo)
     harness prep --verify SHARD_DIR
     harness prep --fewshot SHARD_DIR --shots 100,1000 --seed 0
+    harness sweep SPEC.yaml [overrides...] [--dry-run]
+    harness validate SPEC.yaml [overrides...]            (every trial of a sweep spec)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ COMMANDS = {
     "prep": ("datasets_prep.cli", "main", "convert raw datasets to WebDataset shards, verify, few-shot subsets"),
     "validate": ("harness.compose", "main", "compose and check one training configuration (Hydra overrides)"),
     "train": ("harness.train_cmd", "main", "train one configuration (DeepSpeed or torch engine), tracked in MLflow"),
+    "sweep": ("harness.sweep_cmd", "main", "run a sweep spec on Ray Tune (resumable; --dry-run for the trial table)"),
 }
 
 
@@ -40,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     mod_name, fn_name, _ = COMMANDS[cmd]
     if cmd == "prep" and "--fewshot" in rest:
         mod_name, fn_name = "datasets_prep.fewshot", "fewshot_main"
+    if cmd == "validate" and rest and rest[0].endswith((".yaml", ".yml")):  # a sweep spec: every trial
+        mod_name, fn_name = "harness.sweep_cmd", "validate_main"
     fn = getattr(importlib.import_module(mod_name), fn_name)
     return int(fn(rest) or 0)
 
