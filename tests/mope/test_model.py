@@ -83,7 +83,7 @@ def test_reference_window_layout_leaks_across_the_batch():
     assert diffs["reference"] > 100 * max(diffs["correct"], 1e-6)
 
 
-def test_eval_is_deterministic_with_noise_off_and_train_noise_differs():
+def test_eval_is_deterministic_with_vmoe_noise():
     model = build(tiny_cfg("mope", router_noise="vmoe"))
     batch = make_batch(4, 32)
     model.eval()
