@@ -16,7 +16,7 @@ from datasets_prep import demo
 from datasets_prep.registry import get_converter
 
 SMALL = {"train_pairs": 240, "val_pairs": 80, "test_pairs": 80, "epochs": 1, "grids_per_epoch": 128, "val_grids": 64,
-         "batch_size": 64, "threads": 1, "verbose": False}
+         "batch_size": 64, "threads": 1, "verbose": False, "templates": "all"}
 
 
 def _samples(split_dir: Path) -> list[dict]:
@@ -97,7 +97,19 @@ def test_labels_correct_and_balanced(built, split):
     assert all(c[0] == c[1] for c in per_text.values())
     assert all(c[0] == c[1] == 1 for c in per_image.values())
     assert all(c[0] == c[1] for c in per_template.values())
-    assert len(per_template) >= 7  # a mix of easy / medium / hard templates
+    assert len(per_template) >= 7  # templates=all: a mix of easy / medium / hard templates
+
+
+def test_template_selection():
+    rng = np.random.default_rng(0)
+    stmts, _ = demo.statements()
+    default = demo.make_pairs(400, rng, demo.DemoConfig().weights())
+    assert {stmts[p["statement"]].template for p in default} == {"digit_is"}  # the default: cell lookup only
+    two = demo.make_pairs(400, rng, demo.template_weights_for("digit_is,contains"))
+    assert {stmts[p["statement"]].template for p in two} == {"digit_is", "contains"}
+    assert sum(demo.template_weights_for("all")) == len(demo.TEMPLATES)
+    with pytest.raises(demo.PrepError, match="templates='digit_iz'.*unknown template"):
+        demo.DemoConfig(templates="digit_iz")
 
 
 def test_source_digits_disjoint(built):
