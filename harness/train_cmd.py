@@ -21,17 +21,18 @@ from typing import Any
 def open_tracker(cfg: dict[str, Any], *, rank: int = 0, trial_key: str | None = None, parent_run_id: str | None = None,
                  tags: dict | None = None):
     from harness.tracking import default_tracking_uri, flatten_config, make_tracker
+    from harness.worker import RUN_CONTROL_KEYS, config_id
 
     t = cfg["tracking"]
     uri = t.get("uri") or default_tracking_uri(cfg["paths"]["run_root"])
     # run-control keys are not part of the configuration's identity (a resumed run keeps its params)
-    params = {k: v for k, v in cfg.items() if k not in ("overrides", "resume")}
+    params = {k: v for k, v in cfg.items() if k not in RUN_CONTROL_KEYS}
     return make_tracker(
         rank,
         tracking_uri=uri,
         experiment=t["experiment"],
         run_name=cfg["run_name"],
-        trial_key=trial_key or f"train/{cfg['run_name']}",
+        trial_key=trial_key or f"train/{cfg['run_name']}/{config_id(cfg)}",
         parent_run_id=parent_run_id,
         tags={"harness.method": cfg["method"]["name"], "harness.dataset": cfg["data"]["name"], **(tags or {})},
         params=flatten_config(params),
@@ -92,6 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg)
     except ConfigValidationError as e:
         print(f"harness train: {e}", file=sys.stderr)
+        return 2
+    from harness.checkpoint import list_checkpoints
+    from harness.worker import run_dir_of
+
+    run_dir = run_dir_of(cfg)
+    if not cfg.get("resume") and list_checkpoints(run_dir):
+        print(f"harness train: {run_dir} already holds checkpoints of this exact configuration (run {cfg['run_name']}); "
+              "add resume=true to continue it, or set run_name=<new name> for a separate run (nothing was changed)",
+              file=sys.stderr)
         return 2
     try:
         s = run(cfg)

@@ -53,8 +53,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+RUN_CONTROL_KEYS = ("overrides", "resume")  # how a run is started, not what it computes
+
+
+def config_id(cfg: dict[str, Any]) -> str:
+    """Short hash of the resolved configuration (run-control keys excluded): a changed config is a different run."""
+    import hashlib
+
+    ident = {k: v for k, v in cfg.items() if k not in RUN_CONTROL_KEYS}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 def run_dir_of(cfg: dict[str, Any]) -> Path:
-    return Path(cfg["paths"]["run_root"]) / cfg["run_name"]
+    """``<run_root>/<run_name>/<config_id>``: runs that share a name but not a configuration never share checkpoints."""
+    return Path(cfg["paths"]["run_root"]) / cfg["run_name"] / config_id(cfg)
 
 
 def tokenizer_for(text_cfg: dict[str, Any]) -> str | None:

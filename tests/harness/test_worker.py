@@ -99,3 +99,29 @@ def test_nan_loss_fails_the_run_and_keeps_logged_data(small_demo, tmp_path, monk
     r = _client(cfg).get_run(tracker.run_id)
     assert r.info.status == "FAILED" and "at step" in r.data.tags["harness.error"]
     assert r.data.params["seed"] == "0"
+
+
+def test_changed_config_is_a_new_run_and_a_rerun_never_overwrites(small_demo, tmp_path, monkeypatch, capsys):
+    from harness.train_cmd import main
+    from harness.worker import config_id, run_dir_of
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    base = [f"data.shard_dir={small_demo}", f"vision.weights={small_demo}/vision_encoder", f"paths.run_root={tmp_path}",
+            "data.auto_prepare=false", "deepspeed=off", "trainer.num_workers=0", "trainer.batch_size=32",
+            "trainer.threads=1", "trainer.epochs=1"]
+    a = compose(["experiment=demo_mope", *base])
+    b = compose(["experiment=demo_mope", *base, "trainer.lr_vision=5e-3"])
+    assert config_id(a) == config_id(compose(["experiment=demo_mope", *base, "resume=true"]))  # run control only
+    assert config_id(a) != config_id(b) and run_dir_of(a) != run_dir_of(b)
+    ra, rb = run(a), run(b)  # same run_name, different config: a second MLflow run, not a param conflict
+    assert ra["run_id"] != rb["run_id"]
+    c = _client(a)
+    assert c.get_run(ra["run_id"]).data.params["trainer.lr_vision"] == "0.001"
+    assert c.get_run(rb["run_id"]).data.params["trainer.lr_vision"] == "0.005"
+    n_loss = len(c.get_metric_history(ra["run_id"], "val/acc"))
+    # the same command again (no resume=true) is refused: the finished run and its checkpoints stay as they are
+    assert main(["experiment=demo_mope", *base]) == 2
+    assert "resume=true" in capsys.readouterr().err
+    assert len(c.get_metric_history(ra["run_id"], "val/acc")) == n_loss
+    assert c.get_run(ra["run_id"]).info.status == "FINISHED"
