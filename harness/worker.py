@@ -184,6 +184,25 @@ def ck_sha256(path: Path) -> str:
 
 
 # -- engines: one interface, DeepSpeed or plain torch ---------------------------------------------------------------
+def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype | None = None) -> dict:
+    """Moves the batch's tensors (nested dicts included, e.g. tokenised text) onto `device` **in place**, so the caller's
+    ``batch["label"]`` is the moved one; floating inputs are cast to `float_dtype` (a DeepSpeed bf16/fp16 module has
+    half-precision weights), labels keep their dtype (the loss is computed in fp32)."""
+
+    def move(v, cast: bool):
+        if isinstance(v, torch.Tensor):
+            if cast and float_dtype is not None and v.is_floating_point():
+                return v.to(device=device, dtype=float_dtype, non_blocking=True)
+            return v.to(device, non_blocking=True)
+        if isinstance(v, dict):
+            return {k: move(x, cast) for k, x in v.items()}
+        return v
+
+    for k in list(batch):
+        batch[k] = move(batch[k], cast=k != "label")
+    return batch
+
+
 class TorchEngine:
     """Plain torch loop: autocast for bf16/fp16 on the model's device, grad-norm clipping, optimizer step."""
 
@@ -196,6 +215,8 @@ class TorchEngine:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def forward(self, batch):
+        if self.device.type != "cpu":
+            to_device(batch, self.device)
         with self.autocast():
             return self.module(batch)
 
@@ -228,9 +249,12 @@ class DeepSpeedEngine:
         )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
         self.module = self.engine.module
+        self.device = torch.device(self.engine.device)
+        self.float_dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
+                            else torch.float16 if self.engine.fp16_enabled() else None)
 
     def forward(self, batch):
-        return self.engine(batch)
+        return self.engine(to_device(batch, self.device, self.float_dtype))
 
     def backward_step(self, loss) -> None:
         self.engine.backward(loss)
@@ -341,6 +365,8 @@ def train(
         cache = FeatureCache(shard_dir, FeatureCache.key_for(model, shard_dir, lcfg))
         cache.build(model, lcfg, ["train", "val", "test"], rank=rank, world_size=world_size)
 
+    if not cfg["deepspeed"]["enabled"] and torch.cuda.is_available():  # DeepSpeed places the module itself
+        model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     lrs = {"vision": float(tr["lr_vision"]), "text": float(tr["lr_text"])}
     groups = trainable_param_groups(model, lrs, weight_decay=float(tr["weight_decay"]))
     optimizer = torch.optim.AdamW(groups)

@@ -8,31 +8,8 @@ import pytest
 import torch
 
 from harness.compose import compose
+from demo_helpers import cfg_for
 from harness.train_cmd import open_tracker, run
-
-
-@pytest.fixture(scope="module")
-def small_demo(tmp_path_factory):
-    from datasets_prep.demo import DemoConfig, build_demo
-    from datasets_prep.pretrain_vision import PretrainConfig
-
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    cfg = DemoConfig(
-        train_pairs=512, val_pairs=128, test_pairs=128,
-        pretrain=PretrainConfig(embed_dim=32, depth=2, num_heads=2, epochs=1, grids_per_epoch=256, val_grids=64,
-                                batch_size=64, threads=1),
-    )
-    build_demo(out, cfg, shard_size=32, verbose=False)
-    return out
-
-
-def cfg_for(demo: Path, run_root: Path, *extra: str) -> dict:
-    return compose([
-        "experiment=demo_mope", f"data.shard_dir={demo}", f"vision.weights={demo}/vision_encoder",
-        f"paths.run_root={run_root}", "data.auto_prepare=false", "deepspeed=off", "trainer.num_workers=0",
-        "trainer.batch_size=32", "trainer.log_every_steps=4", "trainer.routing_stats_every_steps=4",
-        "trainer.threads=1", "trainer.lr_vision=1e-2", "trainer.lr_text=1e-2", *extra,
-    ])
 
 
 def _client(cfg):
@@ -125,3 +102,14 @@ def test_changed_config_is_a_new_run_and_a_rerun_never_overwrites(small_demo, tm
     assert "resume=true" in capsys.readouterr().err
     assert len(c.get_metric_history(ra["run_id"], "val/acc")) == n_loss
     assert c.get_run(ra["run_id"]).info.status == "FINISHED"
+
+
+def test_to_device_moves_nested_inputs_and_keeps_label_dtype():
+    from harness.worker import to_device
+
+    batch = {"image": torch.ones(2, 3), "text": {"input_ids": torch.ones(2, 4, dtype=torch.long)},
+             "label": torch.tensor([0.0, 1.0]), "key": ["a", "b"]}
+    out = to_device(batch, torch.device("cpu"), torch.bfloat16)
+    assert out is batch and batch["image"].dtype == torch.bfloat16  # in place: the caller's batch is the moved one
+    assert batch["text"]["input_ids"].dtype == torch.long and batch["label"].dtype == torch.float32
+    assert batch["key"] == ["a", "b"]
