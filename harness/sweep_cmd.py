@@ -148,13 +148,20 @@ def _split_args(argv: list[str], flags: dict[str, bool]) -> tuple[str | None, li
     return spec, overrides, opts
 
 
-def validate_main(argv: list[str] | None = None) -> int:
-    """`harness validate SPEC.yaml [overrides...] [--no-path-check]`."""
-    argv = list(argv or [])
+def _help_exit(argv: list[str]) -> int | None:
+    """Prints the usage for no arguments / -h (exit code returned); otherwise sets the offline default and returns None."""
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return None
+
+
+def validate_main(argv: list[str] | None = None) -> int:
+    """`harness validate SPEC.yaml [overrides...] [--no-path-check]`."""
+    argv = list(argv or [])
+    if (rc := _help_exit(argv)) is not None:
+        return rc
     t0 = time.perf_counter()
     try:
         spec_path, overrides, opts = _split_args(argv, {"no-path-check": False, "table": False})
@@ -172,10 +179,8 @@ def validate_main(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(argv or [])
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if (rc := _help_exit(argv)) is not None:
+        return rc
     try:
         spec_path, overrides, opts = _split_args(
             argv, {"dry-run": False, "num-cpus": True, "progress-every": True, "verbose": False})
