@@ -46,8 +46,8 @@ def log(msg: str) -> None:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    img_size: int = 32
-    patch_size: int = 4  # 8x8 = 64 patch tokens; each digit cell is 4x4 patches
+    img_size: int = 16
+    patch_size: int = 4  # 4x4 = 16 patch tokens; each digit cell is 2x2 patches
     embed_dim: int = 128
     depth: int = 4
     num_heads: int = 4
@@ -126,7 +126,7 @@ def pretrain_encoder(
             grid = cfg.img_size // cfg.patch_size
             npfx = model.num_prefix_tokens
 
-            def cell_logits(tokens):  # (B, prefix + grid*grid, D) -> (B*4, 10): mean patch token of each 2x2 cell
+            def cell_logits(tokens):  # (B, prefix + grid*grid, D) -> (B*4, 10): mean patch token of each of the 2x2 cells
                 p = tokens[:, npfx:].reshape(-1, 2, grid // 2, 2, grid // 2, cfg.embed_dim).mean(dim=(2, 4))
                 return cell_head(p.reshape(-1, cfg.embed_dim))
             decay = [p for p in params if p.ndim >= 2]

@@ -87,7 +87,7 @@ def test_labels_correct_and_balanced(built, split):
         src_idx = np.array(meta["source_indices"])
         assert (src.labels[src_idx] == digits).all()
         img = np.asarray(Image.open(io.BytesIO(s["png"])))
-        assert img.shape == (32, 32)
+        assert img.shape == (demo.IMG, demo.IMG)
         expect = demo.compose_grids(src.big, src_idx[None], np.zeros((1, 4, 2), dtype=np.int64))[0]
         assert (img == expect).all()
         per_text[text][meta["label"]] += 1
@@ -129,12 +129,12 @@ def test_encoder_loads_strict_and_config(built):
 
     a, _, _ = built
     cfg = json.loads((a / "vision_encoder/config.json").read_text())
-    assert cfg["timm_kwargs"]["num_classes"] == 0 and cfg["img_size"] == 32
-    assert cfg["timm_kwargs"]["img_size"] // cfg["timm_kwargs"]["patch_size"] == 8  # 64 patch tokens
+    assert cfg["timm_kwargs"]["num_classes"] == 0 and cfg["img_size"] == 16
+    assert cfg["timm_kwargs"]["img_size"] // cfg["timm_kwargs"]["patch_size"] == 4  # 16 patch tokens
     assert 0.0 <= cfg["pretext"]["val_cell_accuracy"] <= 1.0 and len(cfg["train_images_sha256"]) == 64
     model = timm.create_model(cfg["timm_model"], pretrained=False, **cfg["timm_kwargs"])
     model.load_state_dict(load_file(str(a / "vision_encoder/model.safetensors")), strict=True)
-    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, cfg["timm_kwargs"]["embed_dim"])
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, cfg["timm_kwargs"]["embed_dim"])
 
 
 def test_loader_reads_demo(built):
@@ -146,7 +146,7 @@ def test_loader_reads_demo(built):
     batches = list(loader)
     assert sum(len(b["key"]) for b in batches) == 80
     b = batches[0]
-    assert b["image"].shape == (32, 3, 32, 32)
+    assert b["image"].shape == (32, 3, 16, 16)
     # normalised with the demo's own statistics: black background -> -mean/std
     assert abs(float(b["image"].min()) - (-enc["mean"][0] / enc["std"][0])) < 1e-4
 
