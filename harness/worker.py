@@ -150,16 +150,28 @@ class FeatureCache:
             f = self.dir / f"{split}.safetensors"
             if not f.is_file():  # every rank computes its own copy only on first use; writes are atomic
                 keys, rows = [], []
+                seen: dict[bytes, torch.Tensor] = {}  # distinct inputs (e.g. a demo's few statements) encoded once
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     for batch in make_eval_loader(lcfg, split, 0, 1):
-                        rows.append(model.complementary_feature(batch).float().cpu())
+                        digests = input_row_digests(model.complementary_inputs(batch))
+                        first: dict[bytes, int] = {}  # digest -> first row of this batch with that input
+                        for i, d in enumerate(digests):
+                            if d not in seen:
+                                first.setdefault(d, i)
+                        if first:
+                            idx = torch.tensor(list(first.values()))
+                            n = len(digests)
+                            sub = {k: v[idx] for k, v in batch.items() if torch.is_tensor(v) and v.shape[:1] == (n,)}
+                            feats = model.complementary_feature(sub).float().cpu()
+                            seen.update(zip(first, feats))
+                        rows.append(torch.stack([seen[d] for d in digests]))
                         keys.extend(batch["key"])
                 tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
                 save_file({"features": torch.cat(rows)}, str(tmp), metadata={"keys": json.dumps(keys)})
                 os.replace(tmp, f)
-                log.info("feature cache %s/%s: %d samples in %.1fs", self.dir.name, split, len(keys),
-                         time.perf_counter() - t0)
+                log.info("feature cache %s/%s: %d samples (%d distinct inputs) in %.1fs", self.dir.name, split,
+                         len(keys), len(seen), time.perf_counter() - t0)
             from safetensors import safe_open
 
             with safe_open(str(f), framework="pt") as fh:
@@ -175,6 +187,30 @@ class FeatureCache:
             raise KeyError(f"feature cache {self.dir}: sample key {e.args[0]!r} of split {split!r} missing; "
                            "delete the cache directory to rebuild it") from None
         return self.feats[split][idx]
+
+
+def input_row_digests(inputs: Any) -> list[bytes]:
+    """One digest per batch row of an encoder's inputs (a tensor, or a dict of tensors with an optional
+    ``attention_mask``): rows with equal digests hold equal inputs. Padding is excluded, so the same text padded to
+    different lengths in different batches gets the same digest."""
+    import hashlib
+
+    if not isinstance(inputs, dict):
+        inputs = {"x": inputs}
+    mask = inputs.get("attention_mask")
+    n = next(iter(inputs.values())).shape[0]
+    out = []
+    for i in range(n):
+        h = hashlib.blake2b(digest_size=16)
+        keep = mask[i].bool() if mask is not None else None
+        for k in sorted(inputs):
+            v = inputs[k][i]
+            if keep is not None and v.shape[:1] == keep.shape:
+                v = v[keep]
+            h.update(f"{k}:{v.dtype}:{tuple(v.shape)}|".encode())
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        out.append(h.digest())
+    return out
 
 
 def ck_sha256(path: Path) -> str:
@@ -488,10 +524,13 @@ def train(
     last = evaluate(engine, test_loader, task, cache, "test", world_size)
     final = {f"final/test_{k}_last": v for k, v in last.items() if k != "n"}
     if best_dir.is_dir():
-        from mope.adapter_io import load_adapter
+        if best["step"] == step:  # the selected adapter was saved from these very weights: same scores
+            sel = last
+        else:
+            from mope.adapter_io import load_adapter
 
-        load_adapter(model, best_dir)
-        sel = evaluate(engine, test_loader, task, cache, "test", world_size)
+            load_adapter(model, best_dir)
+            sel = evaluate(engine, test_loader, task, cache, "test", world_size)
         final.update({f"final/test_{k}": v for k, v in sel.items() if k != "n"})
     final[f"final/val_{objective}_best"] = best["value"]
     final["final/best_step"] = float(best["step"])

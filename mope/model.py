@@ -152,12 +152,16 @@ class FusionModel(nn.Module):
         return self
 
     # -- forward -----------------------------------------------------------------------------------------------------
+    def complementary_inputs(self, batch: Mapping[str, Any]) -> Any:
+        """The batch fields the complementary encoder reads (a dict of text tensors, or the image tensor)."""
+        return _inputs_for(self.comp_kind, batch)
+
     def complementary_feature(self, batch: Mapping[str, Any]) -> Tensor | None:
         if self.comp_encoder is None:
             return None
         if "comp_feat" in batch and self.comp_is_blackbox:
             return batch["comp_feat"]
-        inputs = _inputs_for(self.comp_kind, batch)
+        inputs = self.complementary_inputs(batch)
         if self.comp_is_custom:
             return self.comp_encoder(inputs)
         if self.comp_is_blackbox:

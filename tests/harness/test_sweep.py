@@ -51,10 +51,13 @@ def test_paper_profile_validates(path):
 
 def test_expert_vs_length_pairs_each_k():
     spec, trials = plan(str(ROOT / "sweeps/expert_vs_length.yaml"), check_paths=False)
-    assert len(trials) == 4 * 2 * 3 and spec.seeds == [0, 1, 2]
+    assert len(trials) == 3 * 2 * 3 and spec.seeds == [0, 1, 2]  # the default profile: k in {8, 4, 2}, 3 seeds
     van = {t["cfg"]["mope"]["num_experts"]: t["cfg"]["model"]["vanilla_prompt_len"] for t in trials
            if t["arm"] == "vanilla"}
-    assert van == {2: 19, 4: 31, 8: 55, 16: 103}
+    assert van == {2: 19, 4: 31, 8: 55}
+    assert all(t["cfg"]["trainer"]["max_steps_per_epoch"] == 75 and t["cfg"]["trainer"]["epochs"] == 2 for t in trials)
+    paper = plan(str(ROOT / "sweeps/expert_vs_length.yaml"), ["profile=paper"], check_paths=False)[1]
+    assert {t["cfg"]["model"]["vanilla_prompt_len"] for t in paper if t["arm"] == "vanilla"} == {19, 31, 55, 103, 199}
     for t in trials:
         cfg = t["cfg"]
         assert cfg["method"]["name"] == ("mope" if t["arm"] == "mope" else "vanilla_prompt")
@@ -78,10 +81,10 @@ def test_dry_run_prints_the_trial_table(capsys):
     lines = out.splitlines()
     assert any(line.startswith("sweep expert_vs_length-") for line in lines)
     table = lines[lines.index(next(line for line in lines if line.startswith("#  "))):]
-    assert len(table) == 2 + 24
+    assert len(table) == 2 + 18
     assert "model.vanilla_prompt_len" in table[0] and "point_id" in table[0]
-    row = next(line for line in table if "vanilla_prompt_len103-s2" in line)
-    assert " 103 " in row and " 16 " in row
+    row = next(line for line in table if "vanilla_prompt_len55-s2" in line)
+    assert " 55 " in row and " 8 " in row
 
 
 def test_trial_table_columns():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.compose import compose
+from harness.compose import compose, fusion_config as fusion_config_of
 from demo_helpers import cfg_for
 from harness.train_cmd import open_tracker, run
 
@@ -113,3 +113,52 @@ def test_to_device_moves_nested_inputs_and_keeps_label_dtype():
     assert out is batch and batch["image"].dtype == torch.bfloat16  # in place: the caller's batch is the moved one
     assert batch["text"]["input_ids"].dtype == torch.long and batch["label"].dtype == torch.float32
     assert batch["key"] == ["a", "b"]
+
+
+def test_input_row_digests_ignore_padding_and_tell_inputs_apart():
+    from harness.worker import input_row_digests
+
+    ids = torch.tensor([[101, 7, 8, 102, 0, 0], [101, 7, 8, 102, 0, 0], [101, 7, 9, 102, 0, 0]])
+    mask = (ids != 0).long()
+    d = input_row_digests({"input_ids": ids, "attention_mask": mask})
+    assert d[0] == d[1] != d[2]
+    # the same text padded to another length (another batch) has the same digest
+    short = input_row_digests({"input_ids": ids[:, :4], "attention_mask": mask[:, :4]})
+    assert short[0] == d[0] and short[2] == d[2]
+    img = torch.zeros(3, 3, 4, 4)
+    img[2, 0, 0, 0] = 1.0
+    di = input_row_digests(img)
+    assert di[0] == di[1] != di[2]
+
+
+def test_feature_cache_encodes_each_distinct_input_once_and_matches_direct(small_demo, tmp_path, monkeypatch):
+    """The cache of the frozen text tower: every sample covered, each distinct statement encoded once (the demo has
+    far fewer statements than pairs), features equal to encoding each batch directly."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from harness.data import make_eval_loader
+    from harness.worker import FeatureCache, input_row_digests, loader_config
+    from mope import build_model
+
+    cfg = cfg_for(small_demo, tmp_path)
+    model = build_model(fusion_config_of(cfg)).eval()
+    assert model.comp_is_blackbox
+    lcfg = loader_config(cfg, small_demo)
+    batches = list(make_eval_loader(lcfg, "val", 0, 1))
+    with torch.no_grad():
+        direct = torch.cat([model.complementary_feature(b) for b in batches])
+    distinct = {d for b in batches for d in input_row_digests(model.complementary_inputs(b))}
+    n = sum(len(b["key"]) for b in batches)
+    assert len(distinct) < n
+
+    encoded: list[int] = []
+    inner = model.complementary_feature
+    monkeypatch.setattr(model, "complementary_feature", lambda b: encoded.append(len(b["input_ids"])) or inner(b))
+    cache = FeatureCache(tmp_path, "k")
+    cache.build(model, lcfg, ["val"], rank=0, world_size=1)
+    assert sum(encoded) == len(distinct)
+    cached = torch.cat([cache.lookup("val", b["key"]) for b in batches])
+    torch.testing.assert_close(cached, direct, atol=1e-5, rtol=1e-4)
+    # a second build reads the stored file (nothing is encoded again)
+    encoded.clear()
+    FeatureCache(tmp_path, "k").build(model, lcfg, ["val"], rank=0, world_size=1)
+    assert encoded == []
