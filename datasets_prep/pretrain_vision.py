@@ -126,7 +126,7 @@ def pretrain_encoder(
             grid = cfg.img_size // cfg.patch_size
             npfx = model.num_prefix_tokens
 
-            def cell_logits(tokens):  # (B, prefix + grid*grid, D) -> (B*4, 10): mean patch token of each of the 2x2 cells
+            def cell_logits(tokens):  # (B, prefix + grid*grid, D) -> (B*4, 10): mean patch token per cell
                 p = tokens[:, npfx:].reshape(-1, 2, grid // 2, 2, grid // 2, cfg.embed_dim).mean(dim=(2, 4))
                 return cell_head(p.reshape(-1, cfg.embed_dim))
             decay = [p for p in params if p.ndim >= 2]
