@@ -109,6 +109,9 @@ class LoaderConfig:
     # few-shot subset of the training split (datasets_prep/fewshot.py); None = full data (streamed)
     shots: int | None = None
     fewshot_seed: int = 0
+    # training epochs of at least this many batches per rank: a small (few-shot) set is passed over several times per
+    # epoch (fresh seeded order each pass), so every shot count gets the same optimizer steps; None = one pass
+    min_batches_per_epoch: int | None = None
     fewshot_stratified: bool = False
     # text
     tokenizer: str | Path | None = None  # local HF tokenizer dir; None = the offline MiniLM package
@@ -575,7 +578,8 @@ class StreamingTrainLoader(_EpochIterable):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.num_samples = int(m["num_samples"])
         self.rank_shards = split_by_node(urls, rank, world_size)
-        self.batches_per_epoch = max(1, self.num_samples // (world_size * cfg.batch_size))
+        self.batches_per_epoch = max(1, int(cfg.min_batches_per_epoch or 1),
+                                     self.num_samples // (world_size * cfg.batch_size))
         self.source = RankResampledShards(self.rank_shards, seed=cfg.seed, rank=rank)
         self.dataset = wds.DataPipeline(
             self.source,
@@ -630,10 +634,12 @@ def _read_samples(split_dir: Path, m: dict, keys: list[str]) -> list[dict]:
     return [found[k] for k in keys]
 
 
-def equal_split_indices(n: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """This rank's batches for one epoch: one seeded permutation, ``max(1, n // (world*B))`` full batches per rank,
-    rank ``r`` taking every ``world``-th index (wrapping around with a second permutation when ``n < world*B``)."""
-    nb = max(1, n // (world_size * batch_size))
+def equal_split_indices(n: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
+                        min_batches: int = 1) -> list[list[int]]:
+    """This rank's batches for one epoch: one seeded permutation, ``max(min_batches, n // (world*B))`` full batches
+    per rank, rank ``r`` taking every ``world``-th index (continuing with further seeded permutations, i.e. more passes
+    over the set, when one permutation does not cover them: ``n < world*B``, or ``min_batches`` asks for more)."""
+    nb = max(1, int(min_batches), n // (world_size * batch_size))
     need = nb * world_size * batch_size
     g = torch.Generator().manual_seed(_seed("fewshot", seed, epoch) & 0x7FFFFFFF)
     order: list[int] = []
@@ -658,11 +664,13 @@ class FewShotTrainLoader(_EpochIterable):
         self.num_samples = len(self.keys)
         self.dataset = _InMemory(_read_samples(split_dir, _manifest(split_dir), self.keys),
                                  SampleProcessor(cfg, info, train=True))
-        self.batches_per_epoch = max(1, self.num_samples // (world_size * cfg.batch_size))
+        self.batches_per_epoch = max(1, int(cfg.min_batches_per_epoch or 1),
+                                     self.num_samples // (world_size * cfg.batch_size))
 
     def _iter_epoch(self, epoch: int):
         cfg = self.cfg
-        batches = equal_split_indices(self.num_samples, cfg.batch_size, self.rank, self.world_size, cfg.seed, epoch)
+        batches = equal_split_indices(self.num_samples, cfg.batch_size, self.rank, self.world_size, cfg.seed, epoch,
+                                      min_batches=self.batches_per_epoch)
         loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate,
                             **_loader_kwargs(cfg, cfg.num_workers, _seed("torch", cfg.seed, epoch, self.rank)))
         return iter(loader)

@@ -103,6 +103,7 @@ def loader_config(cfg: dict[str, Any], shard_dir: Path):
         num_workers=int(tr["num_workers"]),
         seed=int(cfg["seed"]),
         shots=d.get("shots"),
+        min_batches_per_epoch=tr.get("min_steps_per_epoch"),
         fewshot_seed=int(d.get("shots_seed", 0)),
         fewshot_stratified=bool(d.get("shots_stratified", False)),
         tokenizer=tokenizer_for(cfg["text"]),
@@ -392,6 +393,9 @@ def train(
     lcfg = loader_config(cfg, shard_dir)
     train_loader, batches_per_epoch = make_train_loader(lcfg, rank, world_size)
     if tr.get("max_steps_per_epoch"):
+        if tr.get("min_steps_per_epoch") and int(tr["min_steps_per_epoch"]) > int(tr["max_steps_per_epoch"]):
+            raise ValueError(f"trainer.min_steps_per_epoch={tr['min_steps_per_epoch']} > trainer.max_steps_per_epoch="
+                             f"{tr['max_steps_per_epoch']}: lower the first or raise the second")
         batches_per_epoch = min(batches_per_epoch, int(tr["max_steps_per_epoch"]))
     val_loader = make_eval_loader(lcfg, "val", rank, world_size)
     test_loader = make_eval_loader(lcfg, "test", rank, world_size)

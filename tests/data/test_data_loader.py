@@ -187,6 +187,27 @@ def test_fewshot_in_memory(toy):
     assert n == 1 and [len(b) for b in keys_of(loader)] == [4]
 
 
+def test_fewshot_min_batches_repeats_the_subset_within_an_epoch(toy):
+    """min_batches_per_epoch (trainer.min_steps_per_epoch): equal optimizer steps for every shot count, by passing
+    over the subset several times per epoch; each pass covers every sample once, in a fresh order."""
+    root, _ = toy
+    build_fewshot(root / "train", [8], seed=0)
+    sub = set(json.loads((root / "train/fewshot/seed-0/shots-8.json").read_text())["keys"])
+    loader, n = make_train_loader(cfg(root, shots=8, batch_size=4, min_batches_per_epoch=6), 0, 1)
+    assert n == 6
+    batches = keys_of(loader)
+    assert len(batches) == 6 and all(len(b) == 4 for b in batches)
+    passes = [[k for b in batches[i:i + 2] for k in b] for i in range(0, 6, 2)]
+    assert all(set(p) == sub for p in passes)  # 3 passes of 2 batches, each over the whole subset
+    assert len({tuple(p) for p in passes}) > 1  # not the same order every pass
+    # the first pass is the epoch's plain order: asking for more steps only appends passes
+    plain, n1 = make_train_loader(cfg(root, shots=8, batch_size=4), 0, 1)
+    assert n1 == 2 and keys_of(plain) == batches[:2]
+    # a set that already gives more batches than the minimum is unchanged
+    big, nb = make_train_loader(cfg(root, shots=8, batch_size=2, min_batches_per_epoch=3), 0, 1)
+    assert nb == 4
+
+
 def test_equal_split_indices_properties():
     for n, bs, world in [(100, 8, 3), (7, 4, 2), (64, 8, 2)]:
         parts = [equal_split_indices(n, bs, r, world, seed=0, epoch=0) for r in range(world)]
