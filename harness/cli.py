@@ -6,6 +6,7 @@
     harness prep --fewshot SHARD_DIR --shots 100,1000 --seed 0
     harness sweep SPEC.yaml [overrides...] [--dry-run]
     harness validate SPEC.yaml [overrides...]            (every trial of a sweep spec)
+    harness report --sweep NAME [--out DIR]              (figures, tables, claims of a sweep, from MLflow)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ COMMANDS = {
     "validate": ("harness.compose", "main", "compose and check one training configuration (Hydra overrides)"),
     "train": ("harness.train_cmd", "main", "train one configuration (DeepSpeed or torch engine), tracked in MLflow"),
     "sweep": ("harness.sweep_cmd", "main", "run a sweep spec on Ray Tune (resumable; --dry-run for the trial table)"),
+    "report": ("harness.report_cmd", "main", "figures, tables and claim verdicts of a sweep, from MLflow"),
 }
 
 

@@ -16,6 +16,8 @@ Options:
   --num-cpus N          CPUs of the local Ray cluster (default: all); ignored when RAY_ADDRESS is set
   --progress-every S    seconds between progress tables (default 30)
   --verbose             stream the trials' logs to this console (default: Ray's log files only)
+  --no-report           do not write the sweep's report at the end (default: `harness report` runs on it, and its
+                        folder <run_root>/reports/<sweep_id>/ is printed and logged to the parent run)
   --no-path-check       (validate) do not require the data / weights to exist on this machine
 
 RAY_ADDRESS=<head:port> runs on an existing cluster (run_root and data must then be on shared storage, and
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     try:
         spec_path, overrides, opts = _split_args(
-            argv, {"dry-run": False, "num-cpus": True, "progress-every": True, "verbose": False})
+            argv, {"dry-run": False, "num-cpus": True, "progress-every": True, "verbose": False, "no-report": False})
         if spec_path is None:
             raise SpecError("missing SPEC (a sweep YAML, e.g. sweeps/expert_vs_length.yaml)")
         spec, trials = plan(spec_path, overrides)
@@ -199,10 +201,32 @@ def main(argv: list[str] | None = None) -> int:
     from harness.launch import run_sweep
 
     try:
-        return run_sweep(spec, trials, num_cpus=int(opts["num-cpus"]) if opts.get("num-cpus") else None,
-                         progress_every_s=float(opts.get("progress-every") or 30.0),
-                         verbose=bool(opts.get("verbose")))
+        rc = run_sweep(spec, trials, num_cpus=int(opts["num-cpus"]) if opts.get("num-cpus") else None,
+                       progress_every_s=float(opts.get("progress-every") or 30.0),
+                       verbose=bool(opts.get("verbose")))
     except KeyboardInterrupt:
         print(f"\nharness sweep: interrupted; run the same command again to resume {spec.sweep_id}",
               file=sys.stderr)
         return 130
+    if not opts.get("no-report"):
+        report_after_sweep(spec, trials)
+    return rc
+
+
+def report_after_sweep(spec: SweepSpec, trials: list[dict[str, Any]]) -> bool:
+    """Writes the sweep's report (figures, tables, claims) into <run_root>/reports/<sweep_id>/; a failure is printed
+    and never changes the sweep's exit code (the runs are in MLflow: `harness report` can be re-run)."""
+    from pathlib import Path
+
+    from harness.launch import tracking_target
+    from harness.report_cmd import report_sweeps
+
+    cfg = trials[0]["cfg"]
+    try:
+        report_sweeps(tracking_target(cfg)[0], name=spec.name, sweep_id=spec.sweep_id,
+                      run_root=Path(cfg["paths"]["run_root"]).expanduser().resolve())
+        return True
+    except Exception as e:  # noqa: BLE001 - the sweep's result stands; say how to retry
+        print(f"harness sweep: the report was not written ({type(e).__name__}: {e}); retry with "
+              f"`harness report --sweep {spec.name} --sweep-id {spec.sweep_id}`", file=sys.stderr)
+        return False

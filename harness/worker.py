@@ -346,6 +346,9 @@ def evaluate(engine, loader, task: Task, cache: FeatureCache | None, split: str,
         y = torch.cat([g[1] for g in gathered])
         loss_sum, n = sum(g[2] for g in gathered), sum(g[3] for g in gathered)
     res = {"loss": loss_sum / max(n, 1), "n": float(n)}
+    # collapse detector: the share of the split given the most frequent prediction (class, or label vector); a run
+    # at ~1.0 predicts one answer for everything (reported as collapsed by `harness report`, not as a result)
+    res["pred_class_frac_max"] = float(torch.unique(p, dim=0, return_counts=True)[1].max()) / len(p) if len(p) else 0.0
     if task == Task.MULTI_LABEL:
         from sklearn.metrics import f1_score
 
