@@ -346,9 +346,7 @@ def evaluate(engine, loader, task: Task, cache: FeatureCache | None, split: str,
         y = torch.cat([g[1] for g in gathered])
         loss_sum, n = sum(g[2] for g in gathered), sum(g[3] for g in gathered)
     res = {"loss": loss_sum / max(n, 1), "n": float(n)}
-    # collapse detector: the share of the split given the most frequent prediction (class, or label vector); a run
-    # at ~1.0 predicts one answer for everything (reported as collapsed by `harness report`, not as a result)
-    res["pred_class_frac_max"] = float(torch.unique(p, dim=0, return_counts=True)[1].max()) / len(p) if len(p) else 0.0
+    res["pred_class_frac_max"] = pred_class_frac_max(p)
     if task == Task.MULTI_LABEL:
         from sklearn.metrics import f1_score
 
@@ -357,6 +355,14 @@ def evaluate(engine, loader, task: Task, cache: FeatureCache | None, split: str,
     else:
         res["acc"] = float((p == y).float().mean())
     return res
+
+
+def pred_class_frac_max(preds: torch.Tensor) -> float:
+    """Collapse detector: the share of the split given the most frequent prediction (a class, or a multi-label
+    vector). A run at ~1.0 answers the same for everything; `harness report` flags it as collapsed, not a result."""
+    if len(preds) == 0:
+        return 0.0
+    return float(torch.unique(preds, dim=0, return_counts=True)[1].max()) / len(preds)
 
 
 def objective_key(task: Task) -> str:

@@ -234,7 +234,7 @@ def fig6(data: SweepData, runs: pd.DataFrame) -> Figure | Skipped:
     if not by:
         return Skipped(key, title, "every MoPE run has the same routing settings: Fig. 6 compares dense vs top-1 "
                                    "(and frozen vs learned keys); run sweeps/routing.yaml")
-    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    fig, ax = plt.subplots(figsize=(9.0, 4.4))
     kmax = 0
     for i, (vals, g) in enumerate(groups(m, by)):
         c = _curve(data.history, list(g["run_id"]), "routing/entropy")
@@ -252,7 +252,8 @@ def fig6(data: SweepData, runs: pd.DataFrame) -> Figure | Skipped:
     ax.set_xlabel("training step")
     ax.set_ylabel("routing entropy H(r) (bits; mean over batch and routed blocks)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best", title=" / ".join(b.split(".")[-1] for b in by), title_fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title=" / ".join(b.split(".")[-1] for b in by),
+              title_fontsize=7)
     ax.set_title(f"{title} — {_setting(m)}", fontsize=10)
     fig.tight_layout()
     cap = ("Routing entropy −Σ r log2 r on the pre-top-1 softmax scores, averaged over the batch and all routed "
@@ -279,8 +280,8 @@ def fig7(data: SweepData, runs: pd.DataFrame) -> Figure | Skipped:
         return Skipped(key, title, "routing/importance_last/e* history is missing for one side (runs with "
                                    f"weights {sorted(mats)} have it)")
     ws = sorted(mats, reverse=True)
-    fig, axes = plt.subplots(1, len(ws) + 1, figsize=(4.2 * (len(ws) + 1), 4.0),
-                             gridspec_kw={"width_ratios": [1] * len(ws) + [1.1]})
+    fig, axes = plt.subplots(1, len(ws) + 2, figsize=(4.2 * (len(ws) + 1) + 0.6, 4.0), layout="constrained",
+                             gridspec_kw={"width_ratios": [1] * len(ws) + [0.05, 1.1]})
     mean_mats = {}
     for w in ws:
         steps = sorted(set.intersection(*[set(x.index) for x in mats[w]]))
@@ -293,7 +294,7 @@ def fig7(data: SweepData, runs: pd.DataFrame) -> Figure | Skipped:
         ax.set_title(f"w_imp = {w:g} (mean of n={len(mats[w])} seeds)", fontsize=9)
         ax.set_xlabel("training step")
         ax.set_ylabel("expert (last routed block)")
-    fig.colorbar(im, ax=list(axes[:-1]), fraction=0.03, pad=0.02, label="importance (mean routing score)")
+    fig.colorbar(im, cax=axes[-2], label="importance (mean routing score)")
     ax = axes[-1]
     for i, w in enumerate(ws):
         cvs = [x.apply(lambda row: cv(row.to_numpy()), axis=1) for x in mats[w]]

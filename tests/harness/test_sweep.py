@@ -208,6 +208,11 @@ def test_sweep_killed_midway_resumes_without_rerun_or_duplicates(small_demo, tmp
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
     assert "2/2 trials FINISHED" in out and "resuming" in out
+    # the sweep ends with its report (harness report), written under the run root and named on the console
+    reports = list((run_root / "reports").glob("smoke-*/report.html"))
+    assert len(reports) == 1 and str(reports[0]) in out, out[-3000:]
+    with (reports[0].parent / "results.csv").open() as f:
+        assert sum(1 for _ in f) == 3  # header + one row per trial
 
     runs = _runs(run_root)
     children = _children(runs)
