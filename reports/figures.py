@@ -92,7 +92,8 @@ def fig4(runs: pd.DataFrame, metric: str) -> Figure | Skipped:
     title = FIGURE_TITLES[key]
     m = runs[runs.get("method.name", pd.Series(dtype=object)).isin(["mope", "vanilla_prompt"])] \
         if "method.name" in runs else runs.iloc[0:0]
-    have = {meth: sorted(set(m[(m["method.name"] == meth) & m["tunable_prompts"].notna()]["tunable_prompts"]))
+    have = {meth: sorted({int(x) for x in m[(m["method.name"] == meth) & m["tunable_prompts"].notna()]
+                          ["tunable_prompts"]})
             for meth in ("mope", "vanilla_prompt")} if not m.empty else {"mope": [], "vanilla_prompt": []}
     if len(have["mope"]) < 2 and len(have["vanilla_prompt"]) < 2:
         return Skipped(key, title, "needs MoPE runs over ≥ 2 expert counts and/or vanilla-prompt runs over ≥ 2 "
