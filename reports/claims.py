@@ -107,6 +107,15 @@ def _ahead(d: Diff) -> str:
     return INCONCLUSIVE
 
 
+def _versus(comparison: str, a_name: str, a_runs: pd.DataFrame, b_name: str, b_runs: pd.DataFrame,
+            metric: str) -> ClaimRow:
+    """A row for the claim 'A ahead of B': the means, A − B paired by seed with its interval, the verdict."""
+    a, b = by_seed(a_runs, metric), by_seed(b_runs, metric)
+    d = diff(a, b)
+    return ClaimRow(comparison, f"{a_name} {_means(a)} vs {b_name} {_means(b)}; Δ = {d.text()}", _ahead(d), d.n,
+                    _collapse_notes(a_runs, b_runs))
+
+
 def _num(v: Any) -> str:
     return "–" if is_missing(v) else f"{v:.3f}"
 
@@ -209,13 +218,9 @@ def _matched_count(ok, metric, keys, **_) -> Claim | None:
             continue  # the data-scaling claim compares these per shot count
         for c in counts:
             mv, vv = mope[mope["tunable_prompts"] == c], van[van["tunable_prompts"] == c]
-            a, b = by_seed(mv, metric), by_seed(vv, metric)
-            d = diff(a, b)
             k = _distinct(mv, "mope.num_experts")
-            rows.append(ClaimRow(_prefix(stratum, f"{c:g} tunable prompts (MoPE k={fmt_value(k[0]) if k else '?'} "
-                                                  f"vs vanilla L={c:g})"),
-                                 f"MoPE {_means(a)} vs vanilla {_means(b)}; Δ = {d.text()}", _ahead(d), d.n,
-                                 _collapse_notes(mv, vv)))
+            label = f"{c:g} tunable prompts (MoPE k={fmt_value(k[0]) if k else '?'} vs vanilla L={c:g})"
+            rows.append(_versus(_prefix(stratum, label), "MoPE", mv, "vanilla", vv, metric))
     return Claim(
         "matched_count", "MoPE is ahead of a vanilla prompt with the same number of tunable prompts",
         "Fig. 4 (§4.3)",
@@ -237,13 +242,10 @@ def _shots(ok, metric, keys, **_) -> Claim | None:
         for s in shots:
             ms = mope[mope["data.shots"].isna()] if s is None else mope[mope["data.shots"] == s]
             vs = van[van["data.shots"].isna()] if s is None else van[van["data.shots"] == s]
-            a, b = by_seed(ms, metric), by_seed(vs, metric)
-            if not a or not b:
+            if not by_seed(ms, metric) or not by_seed(vs, metric):
                 continue
-            d = diff(a, b)
-            rows.append(ClaimRow(_prefix(stratum, f"shots = {'full' if s is None else s}"),
-                                 f"MoPE {_means(a)} vs vanilla {_means(b)}; Δ = {d.text()}", _ahead(d), d.n,
-                                 _collapse_notes(ms, vs)))
+            rows.append(_versus(_prefix(stratum, f"shots = {'full' if s is None else s}"), "MoPE", ms, "vanilla", vs,
+                                metric))
     return Claim(
         "data_scaling", "MoPE is at least as good as the vanilla prompt at every shot count",
         "Fig. 5 (§4.4)",
@@ -258,15 +260,11 @@ def _dense_vs_top1(ok, metric, keys, **_) -> Claim | None:
         return None
     rows = []
     for stratum, g in _strata(mope, keys, {"mope.routing"}):
-        dense = by_seed(g[g["mope.routing"] == "dense"], metric)
+        dense = g[g["mope.routing"] == "dense"]
         for r in [r for r in _distinct(g, "mope.routing") if r != "dense"]:
-            other = by_seed(g[g["mope.routing"] == r], metric)
-            if not dense or not other:
-                continue
-            d = diff(dense, other)
-            rows.append(ClaimRow(_prefix(stratum, f"dense vs {r}"),
-                                 f"dense {_means(dense)} vs {r} {_means(other)}; Δ = {d.text()}", _ahead(d), d.n,
-                                 _collapse_notes(g)))
+            other = g[g["mope.routing"] == r]
+            if by_seed(dense, metric) and by_seed(other, metric):
+                rows.append(_versus(_prefix(stratum, f"dense vs {r}"), "dense", dense, r, other, metric))
     return Claim(
         "dense_vs_top1", "Dense routing is better than sparse top-1 routing", "Table 3 (§4.5)",
         "per top-1 variant (and per other axis value): supported when the 95% CI of dense − top-1 (paired by seed) "
@@ -374,15 +372,12 @@ def _ablation(ok, metric, keys, **_) -> Claim | None:
     mope = mope.assign(prompts=mope.apply(prompt_set, axis=1))
     rows = []
     for stratum, g in _strata(mope, keys, set(_FLAGS)):
-        full = by_seed(g[g["prompts"] == "[P_s, P_d, P_m]"], metric)
-        if not full:
+        full = g[g["prompts"] == "[P_s, P_d, P_m]"]
+        if not by_seed(full, metric):
             continue
         for p in [p for p in dict.fromkeys(g["prompts"]) if p != "[P_s, P_d, P_m]"]:
-            other = by_seed(g[g["prompts"] == p], metric)
-            d = diff(full, other)
-            rows.append(ClaimRow(_prefix(stratum, f"[P_s, P_d, P_m] vs {p}"),
-                                 f"all three {_means(full)} vs {p} {_means(other)}; Δ = {d.text()}", _ahead(d), d.n,
-                                 _collapse_notes(g[g["prompts"] == p])))
+            rows.append(_versus(_prefix(stratum, f"[P_s, P_d, P_m] vs {p}"), "all three", full, p,
+                                g[g["prompts"] == p], metric))
     return Claim(
         "prompt_ablation", "All three prompt types [P_s, P_d, P_m] together are best", "Table 2 (§4.5)",
         "for every other prompt set: supported when the 95% CI of all-three − that set (paired by seed) lies above "
