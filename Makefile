@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make sweep   -> creates .venv if missing, then runs the main job on the embedded default
+#   make sweep   -> creates .venv if missing, then runs the main job on the embedded default (ending with its report)
 #   make test    -> creates .venv if missing, then runs the default test suite
 PY      ?= python3
 VENV    := .venv

@@ -118,3 +118,15 @@ def test_all_reports_every_sweep(tmp_path):
     md = next((tmp_path / "all").glob("importance_loss-*")).joinpath("report.md").read_text()
     assert "routing/entropy history absent from 6 FINISHED MoPE run(s)" in md  # said, not crashed
     assert "Fig. 7: expert importance over training: routing/importance_last/e* history is missing" in md
+
+
+def test_a_sweep_that_has_just_started_reports_every_trial_missing(tmp_path):
+    uri, _, trials = make_store(tmp_path, "data_scaling", _acc, skip=lambda v: True, finish_parent=False)
+    out = tmp_path / "r"
+    assert cli_main(["report", "--tracking-uri", uri, "--out", str(out), "--sweep", "data_scaling", "--no-log"]) == 0
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(trials) and {r["status"] for r in rows} == {"MISSING"}
+    md = (out / "report.md").read_text()
+    assert "0 of 27 trials FINISHED" in md and "No claim of the paper can be decided" in md
+    assert "Fig. 5: data scaling: no FINISHED run has final/test_acc" in md
