@@ -30,6 +30,7 @@ class ClaimRow:
     verdict: str
     n: int
     notes: list[str] = field(default_factory=list)
+    diff: dict[str, Any] | None = None  # the deciding difference: mean, t interval, bootstrap interval, paired, n
 
 
 @dataclass
@@ -113,7 +114,7 @@ def _versus(comparison: str, a_name: str, a_runs: pd.DataFrame, b_name: str, b_r
     a, b = by_seed(a_runs, metric), by_seed(b_runs, metric)
     d = diff(a, b)
     return ClaimRow(comparison, f"{a_name} {_means(a)} vs {b_name} {_means(b)}; Δ = {d.text()}", _ahead(d), d.n,
-                    _collapse_notes(a_runs, b_runs))
+                    _collapse_notes(a_runs, b_runs), d.as_dict())
 
 
 def _num(v: Any) -> str:
@@ -151,7 +152,8 @@ def _expert_scaling(ok, metric, keys, **_) -> Claim | None:
                                        for a, b, d in steps) +
                 f"; Spearman ρ(k, {metric}) = {_num(rho)} (p = {_num(p)}, {len(g)} runs)")
         rows.append(ClaimRow(_prefix(stratum, f"MoPE, k = {', '.join(map(str, ks))}"), stat, verdict, total.n,
-                             _collapse_notes(g) + ([f"significant drop at {', '.join(drops)}"] if drops else [])))
+                             _collapse_notes(g) + ([f"significant drop at {', '.join(drops)}"] if drops else []),
+                             total.as_dict()))
     return Claim(
         "expert_scaling", "Expert scaling improves with k and does not deteriorate as k grows",
         "Fig. 4 (§4.3)",
@@ -193,7 +195,7 @@ def _length_scaling(ok, metric, keys, **_) -> Claim | None:
         else:
             verdict = INCONCLUSIVE
         rows.append(ClaimRow(_prefix(stratum, f"vanilla prompt, L = {', '.join(f'{L:g}' for L in Ls)}"), stat,
-                             verdict, d_v.n, _collapse_notes(van, mope)))
+                             verdict, d_v.n, _collapse_notes(van, mope), (did or d_v).as_dict()))
     return Claim(
         "length_scaling", "Length scaling saturates or deteriorates at the same tunable count",
         "Fig. 4 (§4.3)",
@@ -296,7 +298,7 @@ def _keys(ok, metric, keys, margin: float = EQUIVALENCE_MARGIN, **_) -> Claim | 
             verdict = INCONCLUSIVE
         rows.append(ClaimRow(_prefix(stratum, "frozen orthogonal vs learned keys"),
                              f"frozen {_means(a)} vs learned {_means(b)}; Δ = {d.text()}; margin ±{margin:g}",
-                             verdict, d.n, _collapse_notes(g)))
+                             verdict, d.n, _collapse_notes(g), d.as_dict()))
     return Claim(
         "frozen_vs_learned", "Frozen orthogonal routing keys perform on par with learned ones", "Table 4 (§4.5)",
         f"equivalence within ±{margin:g} (absolute, metric units), on the dense runs (top-1-hard routers get no "
@@ -343,7 +345,7 @@ def _importance(ok, metric, keys, data: SweepData, **_) -> Claim | None:
             rows.append(ClaimRow(_prefix(stratum, f"w_imp = {w:g} vs 0"),
                                  f"CV of importance (last routed block, last {IMPORTANCE_TAIL:.0%} of steps): "
                                  f"without {_means(without)} vs with {_means(cvs[w])}; Δ(without − with) = {d.text()}",
-                                 _ahead(d), d.n))
+                                 _ahead(d), d.n, diff=d.as_dict()))
         if not without or not [w for w in cvs if w > 0]:
             rows.append(ClaimRow(_prefix(stratum, "w_imp > 0 vs 0"), "no routing/importance_last/e* history on one "
                                  "side (old runs, or routing stats not logged)", INCONCLUSIVE, 0))

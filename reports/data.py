@@ -33,7 +33,6 @@ CONFIG_KEYS = (
     "mope.use_dynamic", "mope.use_mapped",
 )
 ID_COLUMNS = ("trial_key", "point_id", "label", "arm", "seed", "run_id", "status", "error", "wall_s")
-HISTORY_PREFIXES = ("routing/", "val/", "train/loss")
 COLLAPSE_KEY = "val/pred_class_frac_max"
 COLLAPSE_THRESHOLD = 0.99  # a run predicting one class (label vector) for >= 99% of the val split has collapsed
 STATUS_MISSING = "MISSING"
@@ -251,7 +250,6 @@ __all__ = [
     "COLLAPSE_KEY",
     "COLLAPSE_THRESHOLD",
     "CONFIG_KEYS",
-    "HISTORY_PREFIXES",
     "ID_COLUMNS",
     "STATUS_MISSING",
     "SweepData",

@@ -44,6 +44,13 @@ class Diff:
     def below_zero(self) -> bool:
         return self.has_ci and self.hi < 0
 
+    def as_dict(self) -> dict[str, float | int | bool | None]:
+        """JSON-ready (no interval: None, never NaN)."""
+        def num(x: float) -> float | None:
+            return x if math.isfinite(x) else None
+        return {"mean": num(self.mean), "ci_lo": num(self.lo), "ci_hi": num(self.hi), "bootstrap_lo": num(self.boot_lo),
+                "bootstrap_hi": num(self.boot_hi), "paired": self.paired, "n": self.n}
+
     def text(self, digits: int = 3) -> str:
         if not math.isfinite(self.mean):
             return "–"

@@ -190,3 +190,6 @@ def test_claims_json_matches_the_report(tmp_path):
     saved = json.loads((tmp_path / "claims.json").read_text())
     assert [(c["key"], c["verdict"]) for c in saved] == [(c.key, c.verdict) for c in rep.claims]
     assert all(c["rule"] for c in saved)
+    row = saved[0]["rows"][0]["diff"]  # the deciding difference, with both intervals
+    assert row["paired"] and row["n"] == 3 and row["ci_lo"] > 0
+    assert row["bootstrap_lo"] >= row["ci_lo"]  # at n=3 the t interval is the wider, conservative one
