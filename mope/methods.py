@@ -103,3 +103,19 @@ def comp_prompt_len(cfg: FusionConfig) -> int:
     if spec.comp_prompt_len_from == "baseline":
         return cfg.baseline_prompt_len
     return 0
+
+
+def reads_complementary(cfg: FusionConfig) -> bool:
+    """True when the forward pass reads the complementary feature ψ: the head reads it, or the main prompts route on
+    it (dynamic prompts with d_cross > 0) or map it (mapped prompts). When False, no complementary encoder or prompts
+    are built (Table-2 row [P_s]: nothing would ever give them a gradient, and they would inflate the parameter count).
+    """
+    spec = METHODS[cfg.method]
+    if not spec.use_comp:
+        return False
+    if spec.head_input in ("comp", "concat"):
+        return True
+    pcfg = main_prompt_config(cfg)
+    if pcfg is None:
+        return False
+    return bool(pcfg.use_mapped or (pcfg.use_dynamic and pcfg.d_cross > 0))

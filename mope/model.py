@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from mope.backbones import DEFAULT_ROUTE_BLOCK0, DEFAULT_X0_POOL, PromptableEncoder, create_encoder
 from mope.config import EncoderConfig, FusionConfig, Method, MoPEConfig, Task
-from mope.methods import METHODS, MethodSpec, comp_prompt_len, main_prompt_config
+from mope.methods import METHODS, MethodSpec, comp_prompt_len, main_prompt_config, reads_complementary
 from mope.prompts import PromptGenerator, RoutingStats
 
 
@@ -71,7 +71,7 @@ class FusionModel(nn.Module):
             )
         self.comp_encoder: nn.Module | None = None
         self.comp_is_custom = comp_module is not None
-        if self.spec.use_comp:
+        if reads_complementary(cfg):
             if comp_module is not None:
                 if not hasattr(comp_module, "out_dim"):
                     raise ValueError("comp_module needs an `out_dim` attribute (width of its output vector)")
@@ -143,12 +143,15 @@ class FusionModel(nn.Module):
 
     def train(self, mode: bool = True) -> "FusionModel":
         super().train(mode)
-        # Frozen encoders keep their own dropout / drop-path as in the reference: Swin blocks are in eval mode
-        # (its train() override), BERT's dropout stays active. Fine-tuned encoders train normally.
+        # Frozen encoders (mope-reference §1.8): a frozen timm encoder runs in eval whatever prompts it carries (the
+        # reference's train() override: no DropPath / dropout inside the frozen blocks, main or complementary role);
+        # BERT's dropout stays active as in the reference, unless BERT is a black box (then ψ is cacheable and must be
+        # deterministic). Fine-tuned encoders train normally. Prompt dropout lives in the PromptGenerators, not here.
         if self.main_encoder is not None and not self.spec.train_main and self.main_kind.startswith("timm"):
             self.main_encoder.eval()
-        if self.comp_is_blackbox and self.comp_encoder is not None:
-            self.comp_encoder.eval()
+        if self.comp_encoder is not None and not self.spec.train_comp:
+            if self.comp_is_blackbox or (not self.comp_is_custom and self.comp_kind.startswith("timm")):
+                self.comp_encoder.eval()
         return self
 
     # -- forward -----------------------------------------------------------------------------------------------------

@@ -174,3 +174,53 @@ def test_new_model_keeps_frozen_timm_encoder_in_eval():
     model = build(tiny_cfg("mope", TINY_SWIN))
     assert model.training and not model.main_encoder.training
     assert model.main_prompts.training
+
+
+TABLE2_ROWS = {  # mope-reference Table 2: which of [P_s, P_d, P_m] the main encoder gets
+    "P_s": (True, False, False), "P_d": (False, True, False), "P_m": (False, False, True),
+    "P_s+P_d": (True, True, False), "P_s+P_m": (True, False, True), "P_d+P_m": (False, True, True),
+    "all": (True, True, True),
+}
+
+
+@pytest.mark.parametrize("main", ["vision", "text"])
+@pytest.mark.parametrize("row", list(TABLE2_ROWS), ids=str)
+def test_every_trainable_tensor_gets_a_gradient_for_every_table2_row(row, main):
+    s, d, m = TABLE2_ROWS[row]
+    cfg = tiny_cfg("mope", TINY_VIT, use_static=s, use_dynamic=d, use_mapped=m)
+    cfg = type(cfg)(**{**cfg.__dict__, "main": main})
+    model = build(cfg)
+    model.train()
+    batch = make_batch(4, 32)
+    out = model(batch)
+    (task_loss(out.logits, batch["label"], Task.SINGLE_LABEL) + out.aux_loss).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            if ".pooler." in name and getattr(model.comp_encoder, "pool", "pooler") != "pooler":
+                continue  # BERT's pooler is unused when ψ is the [CLS] state
+            assert p.grad is not None and torch.count_nonzero(p.grad) > 0, f"{row}/{main}: no grad for {name}"
+    comps = model.parameter_report()["components"]
+    comp_prompts = f"{model.comp_modality} prompts"
+    if row == "P_s":  # ψ is read by nothing: no complementary encoder, no complementary prompts, none counted
+        assert model.comp_encoder is None and model.comp_prompts is None
+        assert comp_prompts not in comps and f"{model.comp_modality} encoder" not in comps
+    else:
+        assert comps[comp_prompts]["trainable"] > 0
+
+
+def test_frozen_complementary_swin_runs_in_eval_so_psi_is_deterministic_in_training():
+    """main=text: the complementary Swin carries l' prompts (so it is not a cacheable black box), yet it is frozen:
+    its DropPath must stay off in training (reference train() override, mope-reference §1.8)."""
+    swin = type(TINY_SWIN)(kind="timm_swin", name=TINY_SWIN.name, kwargs={**TINY_SWIN.kwargs, "drop_path_rate": 0.5})
+    cfg = tiny_cfg("mope", swin)
+    cfg = type(cfg)(**{**cfg.__dict__, "main": "text", "comp_prompt_dropout": 0.0})
+    model = build(cfg)
+    model.train()
+    assert model.comp_prompts is not None and not model.comp_is_blackbox
+    assert not model.comp_encoder.training and model.comp_prompts.training
+    batch = make_batch(4, IMG["timm_swin"])
+    psi1 = model.complementary_feature(batch)
+    psi2 = model.complementary_feature(batch)
+    assert torch.equal(psi1, psi2)
+    model.train()  # a later train() call (every epoch) keeps the policy
+    assert not model.comp_encoder.training
