@@ -70,6 +70,13 @@ def validate(cfg: dict[str, Any], *, check_paths: bool = True) -> FusionConfig:
     for key in ("epochs", "batch_size", "grad_accum"):
         if not isinstance(tr[key], int) or tr[key] < 1:
             raise ConfigValidationError(f"trainer.{key}={tr[key]!r} must be an integer >= 1")
+    for key in ("lr_vision", "lr_text", "lr_encoder_vision", "lr_encoder_text"):
+        v = tr.get(key)
+        if v is None and key.startswith("lr_encoder"):
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            hint = " or null (= the modality's lr)" if key.startswith("lr_encoder") else ""
+            raise ConfigValidationError(f"trainer.{key}={v!r} must be a positive number{hint}, e.g. trainer.{key}=1e-4")
     if tr["precision"] not in ("fp32", "bf16", "fp16"):
         raise ConfigValidationError(f"trainer.precision={tr['precision']!r}: allowed values fp32, bf16, fp16")
     if sorted(tr["milestones"]) != list(tr["milestones"]):

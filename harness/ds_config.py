@@ -174,11 +174,14 @@ def trainable_param_groups(
     Args:
         model: a :class:`mope.model.FusionModel` (anything with ``component_of(name)`` and ``main_modality``).
         lr_by_group: learning rate per group, e.g. ``{"vision": 4e-4, "text": 5e-4}`` (the reference's values).
-            Every group that has trainable parameters needs an entry; extra entries are ignored.
+            Every group that has trainable parameters needs an entry; extra entries are ignored. Optional
+            ``"vision_encoder"`` / ``"text_encoder"`` entries put a fine-tuned encoder's own weights (component
+            ``"<modality> encoder"``) in a group of their own at that lr; without them they share the modality's group.
         weight_decay: applied to every group (the reference uses 1e-3 for both).
 
     Returns:
-        ``[{"name": group, "params": [...], "lr": lr, "weight_decay": wd}, ...]`` in a fixed order (vision, text),
+        ``[{"name": group, "params": [...], "lr": lr, "weight_decay": wd}, ...]`` in a fixed order (vision,
+        vision_encoder, text, text_encoder),
         with no empty group. Parameter order inside a group follows ``model.named_parameters()``, so the optimizer
         state of a resumed run lines up.
 
@@ -186,10 +189,14 @@ def trainable_param_groups(
         ValueError: no trainable parameters, or a group without a learning rate.
     """
     main = getattr(model, "main_modality", None)
-    by_group: dict[str, list[nn.Parameter]] = {"vision": [], "text": []}
+    by_group: dict[str, list[nn.Parameter]] = {"vision": [], "vision_encoder": [], "text": [], "text_encoder": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            by_group[modality_group(model.component_of(name), main)].append(p)
+            component = model.component_of(name)
+            group = modality_group(component, main)
+            if component.endswith(" encoder") and f"{group}_encoder" in lr_by_group:
+                group = f"{group}_encoder"  # a fine-tuned encoder's own weights at their own lr
+            by_group[group].append(p)
     groups = []
     for group, params in by_group.items():
         if not params:

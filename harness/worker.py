@@ -365,6 +365,18 @@ def pred_class_frac_max(preds: torch.Tensor) -> float:
     return float(torch.unique(preds, dim=0, return_counts=True)[1].max()) / len(preds)
 
 
+def learning_rates(tr: dict[str, Any]) -> dict[str, float]:
+    """Optimizer lr per parameter group from the trainer config (see :func:`harness.ds_config.trainable_param_groups`):
+    prompts, router, mapper and head train at ``lr_vision`` / ``lr_text`` by modality; a fine-tuned encoder's own
+    weights (img_only, text_only, late_concat, sequential_fuse) at ``lr_encoder_vision`` / ``lr_encoder_text``, which
+    default to the modality's lr (``null``: the reference's single lr per modality, trainer=paper)."""
+    lrs = {"vision": float(tr["lr_vision"]), "text": float(tr["lr_text"])}
+    for modality in ("vision", "text"):
+        enc = tr.get(f"lr_encoder_{modality}")
+        lrs[f"{modality}_encoder"] = lrs[modality] if enc is None else float(enc)
+    return lrs
+
+
 def objective_key(task: Task) -> str:
     return "f1_micro" if task == Task.MULTI_LABEL else "acc"
 
@@ -416,8 +428,7 @@ def train(
 
     if not cfg["deepspeed"]["enabled"] and torch.cuda.is_available():  # DeepSpeed places the module itself
         model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
-    lrs = {"vision": float(tr["lr_vision"]), "text": float(tr["lr_text"])}
-    groups = trainable_param_groups(model, lrs, weight_decay=float(tr["weight_decay"]))
+    groups = trainable_param_groups(model, learning_rates(tr), weight_decay=float(tr["weight_decay"]))
     optimizer = torch.optim.AdamW(groups)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(tr["milestones"]), gamma=tr["gamma"])
     if cfg["deepspeed"]["enabled"]:

@@ -131,3 +131,44 @@ def test_text_main_puts_router_and_head_in_text_group():
     names = {id(p): n for n, p in model.named_parameters()}
     text = {model.component_of(names[id(p)]) for g in groups if g["name"] == "text" for p in g["params"]}
     assert {"text prompts", "router", "head"} <= text
+
+
+FINE_TUNED = {"img_only": {"vision"}, "text_only": {"text"}, "late_concat": {"vision", "text"},
+              "sequential_fuse": {"vision", "text"}}
+
+
+@pytest.mark.parametrize("trainer", ["demo", "paper"])
+@pytest.mark.parametrize("method", [m.value for m in Method])
+def test_each_method_composed_config_gives_fine_tuned_encoders_their_own_lr(method, trainer):
+    """The lr a fine-tuned encoder trains at comes from the composed trainer config (no per-sweep patch): the demo
+    profile slows the encoders down (full fine-tuning at 1e-3 collapsed), the paper profile keeps the reference's
+    single lr per modality (mope-reference §3)."""
+    from harness.compose import compose
+    from harness.worker import learning_rates
+
+    tr = compose(["experiment=demo_mope", f"method={method}", f"trainer={trainer}"])["trainer"]
+    lrs = learning_rates(tr)
+    model = _build(tiny_cfg(method, vision=TINY_VIT))
+    groups = trainable_param_groups(model, lrs, weight_decay=1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_name = {g["name"]: g for g in groups}
+    assert {g.removesuffix("_encoder") for g in by_name if g.endswith("_encoder")} == FINE_TUNED.get(method, set())
+    for g in groups:
+        comps = {model.component_of(names[id(p)]) for p in g["params"]}
+        if g["name"].endswith("_encoder"):
+            modality = g["name"].removesuffix("_encoder")
+            assert comps == {f"{modality} encoder"}
+            expected = {"demo": {"vision": 1e-4, "text": 3e-5}, "paper": {"vision": 4e-4, "text": 5e-4}}[trainer]
+            assert g["lr"] == expected[modality]
+        else:
+            assert not any(c.endswith(" encoder") for c in comps)
+            assert g["lr"] == (1e-3 if trainer == "demo" else {"vision": 4e-4, "text": 5e-4}[g["name"]])
+
+
+def test_lr_fields_are_type_checked():
+    from harness.compose import ConfigValidationError, compose, validate
+
+    for bad in ("trainer.lr_encoder_vision=-1", "trainer.lr_vision=abc", "trainer.lr_text=0"):
+        with pytest.raises(ConfigValidationError, match=bad.split("=")[0].replace(".", r"\.")):
+            validate(compose(["experiment=demo_mope", bad]), check_paths=False)
+    validate(compose(["experiment=demo_mope", "trainer.lr_encoder_text=null"]), check_paths=False)
