@@ -28,7 +28,9 @@ dataset options (--opt key=value, repeatable; values true/false/ints are convert
   mustard:  split_scheme=friends|mope_code  no_audio=false  audio_dir=PATH  sample_rate=16000  frames=0
             frames_dir=PATH  expect_entries=690  train_count=334
 Bad raw input (missing/undecodable media, missing text, unknown label, malformed line) stops the conversion with
-the file and line/key named; --skip-bad skips such samples and counts them in each split's manifest.json.
+the file and line/key named (exit code 2); --skip-bad skips such samples and counts them in each split's
+manifest.json. Written samples that deserve a look (text that is not UTF-8 and was decoded as cp1252, a sample id
+also in another split: a split leak) are counted under "warnings" in the manifest and printed.
 Output: SHARD_DIR/<split>/<dataset>-<split>-NNNNNN.tar + manifest.json, SHARD_DIR/labels.txt, SHARD_DIR/dataset.json.
 """
 
@@ -47,6 +49,22 @@ def _parse_value(v: str):
         except ValueError:
             pass
     return v
+
+
+def _split_field(out: Path, summary: dict, name: str) -> dict:
+    """``name`` (``warnings``: texts decoded as cp1252, split leaks; ``skipped``: --skip-bad) of every written split's
+    manifest, for the splits where it counts something."""
+    found: dict = {}
+    splits = summary.get("splits") if isinstance(summary, dict) else None
+    for split in splits or {}:
+        p = out / str(split) / "manifest.json"
+        try:
+            w = json.loads(p.read_text(encoding="utf-8")).get(name)
+        except (OSError, ValueError):
+            continue
+        if isinstance(w, dict) and w.get("count"):
+            found[str(split)] = w
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "prep":  # tolerate being handed the sub-command name
         argv = argv[1:]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed the usage and the problem; return its code, no traceback
+        if e.code in (0, None):
+            raise
+        return int(e.code) if isinstance(e.code, int) else 2
 
     if args.list:
         print("\n".join(list_datasets()))
@@ -87,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rep = verify(args.verify, decode=not args.no_decode)
         print(rep.summary())
-        return 0 if rep.ok else 1
+        return 0 if rep.ok else 2
 
     if not args.dataset:
         parser.print_usage(sys.stderr)
@@ -123,7 +146,22 @@ def main(argv: list[str] | None = None) -> int:
         )
     except PrepError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
+    except OSError as e:  # e.g. --out not writable, disk full
+        print(f"error: {e.filename or args.out}: {e.strerror or e}; check --out / free space, then re-run",
+              file=sys.stderr)
+        return 2
+    for split, w in _split_field(args.out.resolve(), summary, "skipped").items():
+        reasons = "; ".join(f"{n} x {r}" for r, n in w["by_reason"].items())
+        print(f"skipped (--skip-bad): {args.dataset}/{split}: {reasons}; first: {w['examples'][:1]} "
+              f"(all counted in {split}/manifest.json 'skipped')", file=sys.stderr)
+    warnings = _split_field(args.out.resolve(), summary, "warnings")
+    if warnings:
+        summary["warnings"] = warnings
+        for split, w in warnings.items():
+            reasons = "; ".join(f"{n} x {r}" for r, n in w["by_reason"].items())
+            print(f"warning: {args.dataset}/{split}: {reasons} (see {split}/manifest.json 'warnings')",
+                  file=sys.stderr)
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     print(f"done in {time.monotonic() - t0:.1f}s; check with: harness prep --verify {args.out}", file=sys.stderr)
     return 0

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .registry import register_dataset
-from .text import clean_title, decode_text_bytes, mmbt_clean, normalize_space
+from .text import clean_title, decode_text_bytes_info, mmbt_clean, normalize_space
 from .writer import (
     BadInputs,
     PrepError,
@@ -82,6 +82,15 @@ def read_titles_csv(path: Path) -> tuple[list[TitleRow], list[tuple[str, str, st
     """
     rows: list[TitleRow] = []
     bad: list[tuple[str, str, str]] = []
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PrepError(
+            f"{path}:{line}: not UTF-8 (byte {data[e.start]:#04x}); re-encode the file as UTF-8 "
+            f"(e.g. iconv -f cp1252 -t utf-8), then re-run `harness prep food101`"
+        ) from None
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         start = 1
@@ -313,10 +322,12 @@ def convert(
                     continue
                 if c.txt is not None:
                     try:
-                        raw = decode_text_bytes(c.txt.read_bytes())
+                        raw, enc = decode_text_bytes_info(c.txt.read_bytes())
                     except OSError as e:
                         handle_bad(w, skip_bad, "unreadable text", where, f"unreadable text {c.txt} ({e})")
                         continue
+                    if enc != "utf-8":
+                        w.warn(f"text not UTF-8, decoded as {enc}", str(c.txt))
                     used = "texts_txt"
                 else:
                     assert c.title is not None

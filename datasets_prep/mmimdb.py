@@ -101,7 +101,9 @@ def convert(
     try:
         split_obj = json.loads(split_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise PrepError(f"{split_path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        raise PrepError(f"{split_path}:{e.lineno}: malformed JSON ({e.msg}); fix the file or re-download it") from None
+    except UnicodeDecodeError as e:
+        raise PrepError(f"{split_path}: not UTF-8 ({e.reason} at byte {e.start}); re-encode it as UTF-8") from None
     if not isinstance(split_obj, dict):
         raise PrepError(f"{split_path}: expected an object {{train, dev, test}}")
 

@@ -120,9 +120,18 @@ def convert(
         bad = BadInputs(skip_bad)
         seen: dict[str, str] = {}
 
-        with open(path, encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
                 where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    bad.add(
+                        "non-UTF-8 line",
+                        where,
+                        f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); re-encode the file as UTF-8",
+                    )
+                    continue
                 if not line.strip():
                     continue
                 try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import re
 
-__all__ = ["MMBT_PUNCTUATION", "clean_title", "decode_text_bytes", "mmbt_clean", "normalize_space"]
+__all__ = ["MMBT_PUNCTUATION", "clean_title", "decode_text_bytes", "decode_text_bytes_info", "mmbt_clean", "normalize_space"]
 
 # MMBT scripts/food_101.py: angle brackets, slashes, + = - _, brackets and braces, quotes, ; : . , parentheses,
 # * & ^ % $ # @ ! ~ and the backtick.
@@ -71,9 +71,15 @@ def clean_title(title: str) -> str:
 
 def decode_text_bytes(data: bytes) -> str:
     """Decode scraped text: UTF-8 (BOM stripped), else cp1252, else latin-1 (never fails)."""
+    return decode_text_bytes_info(data)[0]
+
+
+def decode_text_bytes_info(data: bytes) -> tuple[str, str]:
+    """:func:`decode_text_bytes` and the encoding used (``utf-8``, ``cp1252`` or ``latin-1``), so that converters can
+    count the texts that were not UTF-8 (manifest ``warnings``) instead of decoding them without a word."""
     for enc in ("utf-8-sig", "cp1252"):
         try:
-            return data.decode(enc)
+            return data.decode(enc), "utf-8" if enc == "utf-8-sig" else enc
         except UnicodeDecodeError:
             continue
-    return data.decode("latin-1")
+    return data.decode("latin-1"), "latin-1"

@@ -31,6 +31,7 @@ MAX_PROBLEMS_PER_SPLIT = 50
 class VerifyReport:
     splits: dict[str, dict] = field(default_factory=dict)  # split dir -> {"num_samples", "shards"}
     problems: list[str] = field(default_factory=list)
+    fix: str = ""  # what to run when there are problems (set by verify())
 
     @property
     def ok(self) -> bool:
@@ -41,6 +42,8 @@ class VerifyReport:
         if self.problems:
             lines.append(f"FAILED: {len(self.problems)} problem(s):")
             lines += [f"  - {p}" for p in self.problems]
+            if self.fix:
+                lines.append(f"fix: {self.fix}")
         else:
             lines.append("OK")
         return "\n".join(lines)
@@ -239,11 +242,24 @@ def verify(root: Path, *, decode: bool = True) -> VerifyReport:
     rep = VerifyReport()
     if not root.is_dir():
         rep.problems.append(f"{root}: not a directory")
+        rep.fix = ("give --verify the --out directory of a conversion (`harness prep DATASET --src RAW_DIR --out "
+                   "SHARD_DIR`), or run that conversion first")
         return rep
     dirs = find_split_dirs(root)
     if not dirs:
         rep.problems.append(f"{root}: no split directory with a manifest.json found")
+        rep.fix = (f"convert into it first (`harness prep DATASET --src RAW_DIR --out {root}`), or give --verify "
+                   "the directory that holds the split folders (train/, val/, test/)")
         return rep
+    out_root = root.parent if dirs == [root] else root
+    dataset = "DATASET"
+    try:
+        dataset = str(read_manifest(dirs[0]).get("dataset") or dataset)
+    except PrepError:
+        pass
+    rep.fix = (f"the shards are damaged, incomplete or stale: re-run the conversion `harness prep {dataset} --src "
+               f"RAW_DIR --out {out_root}` (it replaces each split atomically; the demo: `harness prep demo --out "
+               f"{out_root}`), then `harness prep --verify {root}` again")
     for d in dirs:
         n, k, probs = verify_split(d, decode=decode)
         rep.splits[str(d)] = {"num_samples": n, "shards": k}

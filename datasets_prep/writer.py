@@ -238,6 +238,9 @@ class ShardSetWriter:
         self._tar_count = 0
         self._skip_counts: Counter[str] = Counter()
         self._skip_examples: list[str] = []
+        self._warn_counts: Counter[str] = Counter()
+        self._warn_examples: list[str] = []
+        self._ids: set[str] = set()
         self._tmp: Path | None = None
         self._closed = False
         self.num_samples = 0
@@ -300,6 +303,7 @@ class ShardSetWriter:
         for ext, data in payload:
             _add_member(self._tar, f"{key}.{ext}", data)
         self._keys.add(key)
+        self._ids.add(str(meta["id"]))
         for i in idx:
             self._hist[i] += 1
         self.num_samples += 1
@@ -312,6 +316,21 @@ class ShardSetWriter:
         self._skip_counts[str(reason)] += 1
         if len(self._skip_examples) < MAX_SKIP_EXAMPLES:
             self._skip_examples.append(f"{where}: {reason}")
+
+    def warn(self, reason: str, where: str) -> None:
+        """Record a sample that was written but deserves a look (e.g. text decoded as cp1252, an id also in another
+        split): counted per reason in the manifest's ``warnings`` and printed by ``harness prep``."""
+        self._warn_counts[str(reason)] += 1
+        if len(self._warn_examples) < MAX_SKIP_EXAMPLES:
+            self._warn_examples.append(f"{where}: {reason}")
+
+    @property
+    def warnings(self) -> dict:
+        return {
+            "count": sum(self._warn_counts.values()),
+            "by_reason": dict(sorted(self._warn_counts.items())),
+            "examples": list(self._warn_examples),
+        }
 
     # -- internals -------------------------------------------------------------------------------------------------
     def _check_label(self, key: str, label: Any) -> list[int]:
@@ -375,15 +394,42 @@ class ShardSetWriter:
                 "examples": list(self._skip_examples),
             },
         }
+        if self._warn_counts:  # only when there are some: manifests without warnings stay as they were
+            m["warnings"] = self.warnings
         clash = sorted(set(self.extra) & set(m))
         if clash:
             raise PrepError(f"manifest extra keys {clash} clash with the standard manifest fields")
         m.update(self.extra)
         return m
 
+    def _check_split_leak(self) -> None:
+        """Warn when a sample id of this split is also in another split of the same output written by this process
+        (train/test overlap inflates test scores). Recorded per split in the manifest's ``warnings``."""
+        key = str(self.out_dir.resolve())
+        others = _SPLIT_IDS.setdefault(key, {})
+        if self.split in others:  # this split is written again: a new conversion, forget the previous one's
+            others.clear()
+        for other, ids in sorted(others.items()):
+            if other == self.split:
+                continue
+            both = sorted(self._ids & ids)
+            if not both:
+                continue
+            reason = f"split leak: sample id also in split {other!r}"
+            for sid in both:
+                self.warn(reason, f"id {sid!r}")
+            print(
+                f"warning: {len(both)} sample id(s) of split {self.split!r} are also in split {other!r} of "
+                f"{self.out_dir} (split leak), e.g. {both[:3]}; check the raw split lists (counted in "
+                f"{self.split}/manifest.json under 'warnings')",
+                file=sys.stderr,
+            )
+        others[self.split] = set(self._ids)
+
     def _finish(self) -> None:
         assert self._tmp is not None
         self._close_shard()
+        self._check_split_leak()
         _write_json(self._tmp / _MANIFEST, self.manifest())
         self._closed = True
         final = self.out_dir / self.split
@@ -414,6 +460,10 @@ class ShardSetWriter:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+# out_dir -> split -> sample ids written by this process (for the split-leak warning).
+_SPLIT_IDS: dict[str, dict[str, set[str]]] = {}
 
 
 def _write_json(path: Path, obj: Any) -> None:

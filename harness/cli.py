@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
-        print(f"harness: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+        import difflib
+
+        close = difflib.get_close_matches(cmd, list(COMMANDS), n=1)
+        hint = f" (did you mean `harness {close[0]}`?)" if close else ""
+        print(f"harness: unknown command {cmd!r}{hint}; use one of the commands below\n\n{_usage()}", file=sys.stderr)
         return 2
     import importlib
 

@@ -7,6 +7,7 @@ directory, architecture.md pitfall 11). `validate(cfg)` checks it without buildi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "tra
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
         plain = OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigValidationError(f"cannot compose configuration from overrides {list(overrides)}: {e}") from e
+        raise ConfigValidationError(_compose_error(str(e), list(overrides), config_name)) from e
     assert isinstance(plain, dict)
     paths = plain["paths"]
     for key in ("root", "data_root", "run_root"):
@@ -44,9 +45,171 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "tra
     return plain
 
 
+# -- type checks of the dicts that become mope.config dataclasses -------------------------------------------------------
+def _describe(tp: Any) -> str:
+    """A readable name of a type hint: 'an integer', 'a number or null', "one of 'dense', 'top1_scaled'"."""
+    import enum
+    import types
+    import typing
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(a) for a in typing.get_args(tp)))
+    if tp is type(None):
+        return "null"
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    if tp is dict or origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    import enum
+    import types
+    import typing
+    from collections.abc import Mapping
+
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return isinstance(value, (str, tp))  # the allowed values are checked by the dataclass (named there)
+    if tp is dict or origin is dict:
+        return isinstance(value, Mapping)
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, (Mapping, tp))
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _nearest(name: str, known: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f"did you mean {' or '.join(close)}?" if close else f"known fields: {', '.join(sorted(known))}"
+
+
+def check_fields(cls: type, values: dict[str, Any], owner: str, *, skip: tuple[str, ...] = ()) -> None:
+    """Checks a dict against the fields and type hints of the dataclass `cls` before it is built.
+
+    Raises ConfigValidationError naming ``owner.field``, the value, the expected type and an example (the field's
+    default), or the nearest valid key for an unknown one.
+    """
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
+    for k, v in values.items():
+        if k not in fields:
+            raise ConfigValidationError(
+                f"{owner}.{k} is not a configuration field ({_nearest(f'{owner}.{k}', [f'{owner}.{n}' for n in fields])})"
+                f"; fix the key, see harness/configs/train.yaml for the fields"
+            )
+        tp = hints[k]
+        if not _type_ok(v, tp):
+            f = fields[k]
+            default = f.default if f.default is not dataclasses.MISSING else None
+            default = getattr(default, "value", default)
+            example = "" if default is None and f.default is dataclasses.MISSING else (
+                f"; e.g. {owner}.{k}={_hydra_text(default)} (the default)")
+            raise ConfigValidationError(
+                f"{owner}.{k}={v!r} has the wrong type: expected {_describe(tp)}, got {type(v).__name__}{example}"
+            )
+
+
+def _hydra_text(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def _flat_keys(node: Any, prefix: str = "") -> list[str]:
+    out: list[str] = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            out.append(key)
+            out += _flat_keys(v, key + ".")
+    return out
+
+
+def _known_keys(overrides: list[str], config_name: str) -> list[str]:
+    """Every dotted key of the configuration composed from `overrides` (or from none, if those do not compose)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from omegaconf import OmegaConf
+
+    for ovr in (overrides, []):
+        try:
+            with initialize_config_module("harness.configs", version_base="1.3"):
+                cfg = hydra_compose(config_name=config_name, overrides=ovr)
+            return _flat_keys(OmegaConf.to_container(cfg, resolve=False))
+        except Exception:  # noqa: BLE001, S112 - only used to build a hint
+            continue
+    return []
+
+
+def _compose_error(msg: str, overrides: list[str], config_name: str) -> str:
+    """Hydra's message made actionable: an unknown key gets the nearest valid key (instead of Hydra's
+    "use +key=value", which only leads to a second error), an unknown group option keeps its list of options."""
+    import difflib
+    import re
+
+    msg = msg.split("\nConfig search path", 1)[0].strip()
+    m = re.search(r"Could not override '([^']+)'", msg)
+    if m and "To append to your config use +" in msg:
+        key = m.group(1)
+        bad = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") == key]
+        known = _known_keys([o for o in overrides if o not in bad], config_name)
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else "no similar key exists"
+        return (f"unknown configuration key {key!r} in override {bad[0] if bad else key!r} ({hint}); fix the key "
+                f"(the fields are in harness/configs/train.yaml and its groups)")
+    m = re.search(r"Could not find '([^'/]+)/([^']+)'", msg)
+    if m:
+        return (f"{m.group(1)}={m.group(2)}: no such option of the {m.group(1)!r} group; use one of the options "
+                f"listed below (harness/configs/{m.group(1)}/)\n{msg}")
+    return f"cannot compose configuration from overrides {overrides}: {msg}"
+
+
 def fusion_config(cfg: dict[str, Any]) -> FusionConfig:
     """The typed model config from a composed config (raises ConfigError naming the field)."""
     model = dict(cfg["model"])
+    nested = ("method", "vision", "text", "num_classes", "task", "mope")
+    check_fields(FusionConfig, model, "model", skip=nested)
+    check_fields(EncoderConfig, dict(cfg["vision"]), "vision")
+    check_fields(EncoderConfig, dict(cfg["text"]), "text")
+    check_fields(MoPEConfig, dict(cfg["mope"]), "mope")
+    nc = cfg["data"]["num_classes"]
+    if isinstance(nc, bool) or not isinstance(nc, int):
+        raise ConfigValidationError(f"data.num_classes={nc!r} has the wrong type: expected an integer, got "
+                                    f"{type(nc).__name__}")
+    if not isinstance(cfg["method"].get("name"), str):
+        raise ConfigValidationError(f"method.name={cfg['method'].get('name')!r} must be a method name (method=...)")
     return FusionConfig(
         method=cfg["method"]["name"],
         vision=EncoderConfig(**cfg["vision"]),
@@ -62,6 +225,8 @@ def validate(cfg: dict[str, Any], *, check_paths: bool = True) -> FusionConfig:
     """Checks a composed configuration without building models or reading data."""
     try:
         fcfg = fusion_config(cfg)
+    except ConfigValidationError:
+        raise
     except ConfigError as e:
         raise ConfigValidationError(str(e)) from e
     except TypeError as e:  # unknown key in a group

@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.list or not args.preset:
         print("\n".join(list_presets()))
-        return 0 if args.list else 2
+        if args.list:
+            return 0
+        print("harness inspect: no preset given; pick one of the presets listed above: harness inspect --preset NAME",
+              file=sys.stderr)
+        return 2
     try:
         rep = inspect_preset(args.preset, num_classes=args.num_classes)
     except KeyError as e:

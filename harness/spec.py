@@ -219,7 +219,11 @@ def safe_eval(expr: str, names: Mapping[str, Any], lookup: Callable[[str], Any] 
     except SpecError:
         raise
     except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
-        raise SpecError(f"{expr!r}: {type(e).__name__}: {e}") from e
+        read = [k for k in expression_names(expr) if k in names]
+        vals = ", ".join(f"{k}={names[k]!r} ({type(names[k]).__name__})" for k in read)
+        hint = (f" with {vals}: check the type of each value it reads (numbers for arithmetic) in the spec's axes / "
+                "overrides" if vals else "")
+        raise SpecError(f"{expr!r}: {type(e).__name__}: {e}{hint}") from e
 
 
 def is_expression(value: Any) -> bool:
@@ -302,6 +306,24 @@ class Resources:
     @property
     def trial_gpus(self) -> float:
         return self.workers * self.gpus_per_worker
+
+    def unschedulable_reason(self, cpus: float, gpus: float, where: str = "this machine") -> str | None:
+        """Why one trial can never be scheduled on `cpus` CPUs and `gpus` GPUs (all of a trial's workers are placed
+        at once), or None when it fits. The message names the resources and the fixes."""
+        short = []
+        if self.trial_cpus > cpus + 1e-9:
+            short.append(f"{self.trial_cpus:g} CPUs ({self.workers} worker(s) x {self.cpus_per_worker:g}) but "
+                         f"{where} has {cpus:g}")
+        if self.trial_gpus > gpus + 1e-9:
+            short.append(f"{self.trial_gpus:g} GPU(s) ({self.workers} worker(s) x {self.gpus_per_worker:g}) but "
+                         f"{where} has {gpus:g}")
+        if not short:
+            return None
+        return ("resources: a trial needs " + " and ".join(short) + ", so it can never be scheduled here (Ray would "
+                "wait forever). Fix: lower resources.workers / resources.cpus_per_worker / resources.gpus_per_worker "
+                "(e.g. `resources.gpus_per_worker=0 resources.cpus_per_worker=1` on the command line), choose a "
+                "profile sized for this machine, or run on a cluster that has them (RAY_ADDRESS=head:port; "
+                "--no-resource-check skips this check)")
 
     def max_concurrent_for(self, cluster_cpus: float, cluster_gpus: float = 0.0) -> int:
         """How many trials fit at once (gang scheduling: all of a trial's workers at the same time)."""
@@ -426,13 +448,17 @@ class SweepSpec:
                 values = dict(axis_vals)
                 for k, v in arm_vals.items():
                     if is_expression(v):
-                        v = safe_eval(v[1:], ns, lookup)
+                        try:
+                            v = safe_eval(v[1:], ns, lookup)
+                        except SpecError as e:
+                            raise SpecError(f"arms.{arm}.{k}: {e}") from e
                     ns[k] = v
                     values[k] = v
                 if all(self._constraint(c, ns, lookup) for c in self.constraints):
                     points.append((arm, values))
         if not points:
-            raise SpecError(f"spec {self.name!r}: the constraints exclude every point")
+            raise SpecError(f"spec {self.name!r}: the constraints {self.constraints} exclude every point; relax them "
+                            f"or change the axes")
 
         def short(k: str) -> str:
             return k.split(".")[-1].split("/")[-1]
@@ -470,7 +496,10 @@ class SweepSpec:
         return trials
 
     def _constraint(self, expr: str, ns: dict[str, Any], lookup) -> bool:
-        v = safe_eval(expr, ns, lookup)
+        try:
+            v = safe_eval(expr, ns, lookup)
+        except SpecError as e:
+            raise SpecError(f"constraints: {e}") from e
         if not isinstance(v, bool):
             raise SpecError(f"constraint {expr!r} must be a comparison (true/false), got {v!r}")
         return v
@@ -673,9 +702,19 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     if not p.is_file():
         raise SpecError(f"sweep spec {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))  # safe: no Python tags, nothing is constructed
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save the spec as UTF-8") from None
+    except yaml.constructor.ConstructorError as e:
+        mark = f" at line {e.problem_mark.line + 1}" if e.problem_mark else ""
+        raise SpecError(f"{p}: tag refused{mark} ({e.problem}): sweep specs are loaded with yaml.safe_load, which "
+                        "builds no Python objects; write plain values instead") from None
     except yaml.YAMLError as e:
-        raise SpecError(f"{p}: not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(f"{where}: not valid YAML ({problem}); fix the syntax at that line (indentation, quotes, "
+                        "a missing ':')") from None
     profile, extra = None, []
     for o in overrides:
         if o.startswith("profile="):

@@ -19,10 +19,13 @@ Options:
   --no-report           do not write the sweep's report at the end (default: `harness report` runs on it, and its
                         folder <run_root>/reports/<sweep_id>/ is printed and logged to the parent run)
   --no-path-check       (validate) do not require the data / weights to exist on this machine
+  --no-resource-check   launch even when one trial asks for more CPUs / GPUs than this machine has (by default such
+                        a sweep is refused before launch, exit 2; --dry-run only warns; skipped with RAY_ADDRESS)
 
 RAY_ADDRESS=<head:port> runs on an existing cluster (run_root and data must then be on shared storage, and
 MLFLOW_TRACKING_URI should name a tracking server).
-Results: `mlflow ui --backend-store-uri sqlite:///<run_root>/mlflow.db`.
+Results: `mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///<run_root>/mlflow.db` (local only; the harness
+never starts a tracking server itself).
 """
 
 from __future__ import annotations
@@ -61,7 +64,11 @@ def plan(path: str, overrides: list[str] | tuple[str, ...] = (), *, check_paths:
 
     trials = []
     per_point: dict[str, dict[str, Any]] = {}
-    for t in spec.expand(lookup=lookup):
+    try:
+        expanded = spec.expand(lookup=lookup)
+    except SpecError as e:
+        raise SpecError(f"{path}: {e}") from e
+    for t in expanded:
         try:
             if t.point_id not in per_point:
                 cfg = compose(t.overrides)
@@ -71,11 +78,37 @@ def plan(path: str, overrides: list[str] | tuple[str, ...] = (), *, check_paths:
                 cfg = copy.deepcopy(per_point[t.point_id])
                 cfg.update(seed=t.seed, run_name=t.run_name, overrides=list(t.overrides))
         except ConfigValidationError as e:
-            raise ConfigValidationError(f"trial {t.index} ({t.label}, seed {t.seed}): {e}") from e
+            raise ConfigValidationError(f"{path}: trial {t.index} ({t.label}, seed {t.seed}): {e}") from e
         if spec.mlflow_experiment:
             cfg["tracking"]["experiment"] = spec.mlflow_experiment
         trials.append({**t.to_dict(), "cfg": cfg})
     return spec, trials
+
+
+def local_resources(num_cpus: int | None = None, *, need_gpus: bool = True) -> tuple[float, float]:
+    """CPUs and GPUs of the local cluster a sweep would start: `--num-cpus` (else os.cpu_count()) and
+    torch.cuda.device_count() (only asked when a trial wants GPUs: importing torch takes seconds)."""
+    cpus = float(num_cpus if num_cpus else (os.cpu_count() or 1))
+    gpus = 0.0
+    if need_gpus:
+        try:
+            import torch
+
+            gpus = float(torch.cuda.device_count())
+        except Exception:  # noqa: BLE001 - no usable CUDA: no GPUs
+            gpus = 0.0
+    return cpus, gpus
+
+
+def resource_problem(spec: SweepSpec, num_cpus: int | None = None) -> str | None:
+    """Why the spec's trials can never be scheduled on the local cluster, or None (also None with RAY_ADDRESS: an
+    existing cluster's resources are only known once connected; Ray then reports the infeasible request)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    r = spec.resources
+    cpus, gpus = local_resources(num_cpus, need_gpus=bool(r.trial_gpus))
+    where = f"the local cluster (--num-cpus {num_cpus})" if num_cpus else "this machine"
+    return r.unschedulable_reason(cpus, gpus, where)
 
 
 def header_lines(spec: SweepSpec, trials: list[dict[str, Any]]) -> list[str]:
@@ -172,6 +205,8 @@ def validate_main(argv: list[str] | None = None) -> int:
         print(f"harness validate: {e}", file=sys.stderr)
         return 2
     print("\n".join(header_lines(spec, trials)))
+    if problem := resource_problem(spec):
+        print(f"harness validate: warning: {problem}", file=sys.stderr)
     if opts.get("table"):
         print("\n".join(trial_table(trials)))
     print(f"OK: {len(trials)} trials expanded, composed and validated in {time.perf_counter() - t0:.1f}s",
@@ -185,17 +220,27 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     try:
         spec_path, overrides, opts = _split_args(
-            argv, {"dry-run": False, "num-cpus": True, "progress-every": True, "verbose": False, "no-report": False})
+            argv, {"dry-run": False, "num-cpus": True, "progress-every": True, "verbose": False, "no-report": False,
+                   "no-resource-check": False})
         if spec_path is None:
             raise SpecError("missing SPEC (a sweep YAML, e.g. sweeps/expert_vs_length.yaml)")
+        num_cpus = opts.get("num-cpus")
+        if num_cpus is not None and (not str(num_cpus).isdigit() or int(num_cpus) < 1):
+            raise SpecError(f"--num-cpus {num_cpus!r} must be a positive integer")
         spec, trials = plan(spec_path, overrides)
     except (SpecError, ConfigValidationError) as e:
         print(f"harness sweep: {e}", file=sys.stderr)
         return 2
+    problem = None if opts.get("no-resource-check") else resource_problem(spec, int(num_cpus) if num_cpus else None)
     print("\n".join(header_lines(spec, trials)))
     if opts.get("dry-run"):
         print("\n".join(trial_table(trials)))
+        if problem:
+            print(f"harness sweep: warning: {problem}", file=sys.stderr)
         return 0
+    if problem:
+        print(f"harness sweep: {spec.source or spec.name}: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if opts.get("verbose") else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     from harness.launch import run_sweep

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mope.config import FusionConfig
@@ -31,6 +31,46 @@ _IGNORED_FIELDS = {("vision", "weights"), ("text", "weights"), ("mope", "prompt_
 
 class AdapterMismatchError(ValueError):
     """The saved adapter does not fit the model it is loaded into."""
+
+
+class NotAnAdapterFileError(AdapterMismatchError):
+    """The adapter file is not a (complete) safetensors file: truncated, or another format such as a pickle.
+
+    Nothing is ever unpickled: the file's header is checked before the safetensors reader (which never runs code)
+    touches it.
+    """
+
+
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def _not_adapter(path: Path, why: str) -> NotAnAdapterFileError:
+    return NotAnAdapterFileError(
+        f"not a safetensors adapter file: {path} ({why}); point at an adapter directory written by "
+        "mope.adapter_io.save_adapter (harness checkpoints and best/ dirs), or re-run the training that wrote it"
+    )
+
+
+def _check_safetensors_file(path: Path) -> None:
+    """Cheap structural check of a safetensors file (8-byte little-endian header size, then a JSON object) so that a
+    truncated file or a pickle renamed ``.safetensors`` is refused with the path named, before any reader runs."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise _not_adapter(path, f"unreadable: {e.strerror or e}") from None
+    if len(head) < 9:
+        raise _not_adapter(path, f"only {size} bytes")
+    if head[:2] == b"PK":
+        raise _not_adapter(path, "a zip archive (torch.save format?), refused: it is never unpickled")
+    if head[:1] == b"\x80":
+        raise _not_adapter(path, "a Python pickle, refused: it is never unpickled")
+    n = int.from_bytes(head[:8], "little")
+    if head[8:9] != b"{" or n > _MAX_HEADER:
+        raise _not_adapter(path, "no safetensors header")
+    if 8 + n > size:
+        raise _not_adapter(path, f"truncated: header says {8 + n} bytes or more, file has {size}")
 
 
 def adapter_state_dict(model: FusionModel) -> dict[str, torch.Tensor]:
@@ -106,9 +146,25 @@ def _diff(a: dict, b: dict, prefix: tuple = ()) -> list[str]:
 
 
 def _read_doc(adapter_dir: Path) -> dict | None:
-    with safe_open(str(adapter_dir / ADAPTER_FILE), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta["mope_config"]) if "mope_config" in meta else None
+    path = adapter_dir / ADAPTER_FILE
+    _check_safetensors_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _not_adapter(path, f"{type(e).__name__}: {e}") from None
+    try:
+        return json.loads(meta["mope_config"]) if "mope_config" in meta else None
+    except json.JSONDecodeError as e:
+        raise _not_adapter(path, f"its mope_config metadata is not JSON ({e})") from None
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    _check_safetensors_file(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:  # e.g. truncated tensor data
+        raise _not_adapter(path, f"{type(e).__name__}: {e}") from None
 
 
 def read_adapter_config(adapter_dir: str | Path) -> FusionConfig:
@@ -143,7 +199,7 @@ def load_adapter(model: FusionModel, adapter_dir: str | Path, *, check_config: b
                 f"adapter {d} was saved for a different model configuration:\n  " + "\n  ".join(diffs)
                 + "\nBuild the model from the adapter's config (mope.adapter_io.read_adapter_config) or pass matching overrides."
             )
-    state = load_file(str(d / ADAPTER_FILE))
+    state = _load_tensors(d / ADAPTER_FILE)
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -1,7 +1,7 @@
 """Fixtures for the dataset converter tests: small replicas of each raw format, built in tmp dirs.
 
 Media are real (tiny JPEGs written with PIL, WAVs written with soundfile at 22,050 Hz stereo so that resampling and
-downmixing are exercised). Real annotation files come from /work/shared/data/raw-samples (see PROVENANCE.md there).
+downmixing are exercised). Real annotation files come from tests/fixtures/raw-samples (see PROVENANCE.md there).
 """
 
 from __future__ import annotations

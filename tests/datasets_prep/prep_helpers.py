@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-# Real raw files live in the project's shared/ folder, beside the checkout (CI clones main with shared/ beside it).
+# Real raw files ship with the tests (tests/fixtures/raw-samples, byte-for-byte public copies, see PROVENANCE.md
+# there), so a bare clone runs them; MOPE_RAW_SAMPLES points them at another copy.
 _REPO = Path(__file__).resolve().parents[2]
-RAW_SAMPLES = Path(os.environ.get("MOPE_RAW_SAMPLES", _REPO.parent / "shared" / "data" / "raw-samples"))
+RAW_SAMPLES = Path(os.environ.get("MOPE_RAW_SAMPLES") or _REPO / "tests" / "fixtures" / "raw-samples")
 
 
 def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (12, 10)) -> bytes:

@@ -33,7 +33,7 @@ def test_cli_convert_then_verify(snli_raw, tmp_path, capsys):
     # corrupt one shard: verify names it and fails
     shard = min((out / "train").glob("*.tar"))
     shard.write_bytes(shard.read_bytes()[:-1024] + b"\0" * 1024 + b"x")
-    assert main(["--verify", str(out)]) == 1
+    assert main(["--verify", str(out)]) == 2
     assert shard.name in capsys.readouterr().out
 
 
@@ -41,7 +41,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["nosuch", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "unknown dataset 'nosuch'" in err and "food101" in err and "mustard" in err
-    assert main(["mustard", "--src", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    assert main(["mustard", "--src", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "sarcasm_data.json" in capsys.readouterr().err
     assert main(["food101", "--src", str(tmp_path), "--out", str(tmp_path / "o"), "--opt", "bogus"]) == 2
     assert main([]) == 2
