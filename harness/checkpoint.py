@@ -15,7 +15,10 @@ states are converted), so it loads with ``weights_only=True`` and never executes
 
 For DeepSpeed engines, :func:`save_engine`/:func:`load_engine` wrap ``engine.save_checkpoint``/``load_checkpoint``
 with ``exclude_frozen_parameters=True`` (DeepSpeed worker checkpoints otherwise contain the full frozen model,
-ray#43917; architecture.md pitfall 5). The engine checkpoint is collective: *every* rank must call them.
+ray#43917; architecture.md pitfall 5). The engine checkpoint is collective: *every* rank must call them. DeepSpeed's
+files are pickles, so ``save_engine`` records their SHA-256 and ``load_engine`` refuses any file that does not match
+before DeepSpeed reads it. The trainer itself (``harness.worker``) resumes from the weights-only state above, with or
+without DeepSpeed: it never calls ``engine.load_checkpoint``.
 """
 
 from __future__ import annotations
@@ -325,25 +328,116 @@ def restore(
 
 
 # -- DeepSpeed engines -------------------------------------------------------------------------------------------------
+ENGINE_DIGESTS_FILE = "mope_digests.json"
+_TAG_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _engine_tag(ckpt_dir: Path, tag: str | None) -> str:
+    if tag is None:
+        latest = ckpt_dir / "latest"
+        if not latest.is_file():
+            raise CheckpointError(f"no DeepSpeed checkpoint found in {ckpt_dir} (no 'latest' file and no tag given)")
+        tag = latest.read_text(encoding="utf-8", errors="replace").strip()
+    if not _TAG_RE.match(tag) or tag in (".", ".."):
+        raise CheckpointError(f"{ckpt_dir}: DeepSpeed checkpoint tag {tag!r} is not a plain directory name; refused")
+    return tag
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def save_engine(
     engine: Any, ckpt_dir: str | Path, *, tag: str | None = None, client_state: dict | None = None
 ) -> None:
     """``engine.save_checkpoint(dir, exclude_frozen_parameters=True)``: module state without the frozen encoders,
-    plus the (ZeRO-partitioned) optimizer and the scheduler. Collective: every rank must call it."""
+    plus the (ZeRO-partitioned) optimizer and the scheduler. Collective: every rank must call it.
+
+    DeepSpeed writes pickles (its ``load_checkpoint`` reads them with ``torch.load(weights_only=False)``), so rank 0
+    then records the SHA-256 of every file of the checkpoint in ``<tag>/mope_digests.json``; :func:`load_engine` lets
+    DeepSpeed read only files that match it.
+    """
+    ckpt_dir = Path(ckpt_dir)
     engine.save_checkpoint(
         str(ckpt_dir), tag=tag, client_state=dict(client_state or {}), exclude_frozen_parameters=True
     )
+    _barrier()  # every rank's shard is on disk before rank 0 hashes them
+    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    if rank == 0:
+        import json
+
+        tdir = ckpt_dir / _engine_tag(ckpt_dir, tag)
+        digests = {f.name: _sha256(f) for f in sorted(tdir.iterdir()) if f.is_file() and f.name != ENGINE_DIGESTS_FILE}
+        tmp = tdir / f".{ENGINE_DIGESTS_FILE}.tmp"
+        tmp.write_text(json.dumps({"format": "mope-deepspeed-digests", "sha256": digests}, indent=1))
+        os.replace(tmp, tdir / ENGINE_DIGESTS_FILE)
+    _barrier()
+
+
+def verify_engine_checkpoint(ckpt_dir: str | Path, *, tag: str | None = None) -> Path:
+    """Checks a :func:`save_engine` checkpoint before DeepSpeed unpickles anything in it: the tag is a plain name,
+    the digest file exists, every file of the tag directory is listed in it and has the recorded SHA-256.
+
+    Returns the tag directory. Raises :class:`CheckpointError` naming the offending file (a planted or modified file
+    is refused without being read by a pickle loader).
+    """
+    import json
+
+    ckpt_dir = Path(ckpt_dir)
+    tdir = ckpt_dir / _engine_tag(ckpt_dir, tag)
+    manifest = tdir / ENGINE_DIGESTS_FILE
+    fix = (f"delete {tdir} (and 'latest' in {ckpt_dir}) and resume from an earlier checkpoint, or re-run the trial "
+           "from scratch")
+    if not manifest.is_file():
+        raise CheckpointError(
+            f"{tdir} has no {ENGINE_DIGESTS_FILE}: it was not written by harness.checkpoint.save_engine, and DeepSpeed "
+            f"would unpickle its files (code execution); refused. Fix: {fix}"
+        )
+    try:
+        doc = json.loads(manifest.read_text(encoding="utf-8"))
+        digests = dict(doc["sha256"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest} is not a digest file ({type(e).__name__}); refused. Fix: {fix}") from None
+    present = {f.name for f in tdir.iterdir() if f.name != ENGINE_DIGESTS_FILE and not f.name.startswith(".")}
+    unlisted = sorted(present - set(digests))
+    if unlisted:
+        name = unlisted[0]
+        raise CheckpointError(f"{tdir / name} is not part of the checkpoint written by this harness (not in "
+                              f"{ENGINE_DIGESTS_FILE}); refused without reading it. Fix: remove the file, or {fix}")
+    for name, digest in sorted(digests.items()):
+        f = tdir / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing from the DeepSpeed checkpoint (listed in {ENGINE_DIGESTS_FILE}). "
+                                  f"Fix: {fix}")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"{f} does not match the SHA-256 recorded when it was saved (modified or planted "
+                                  f"file); refused without unpickling it. Fix: {fix}")
+    return tdir
 
 
 def load_engine(engine: Any, ckpt_dir: str | Path, *, tag: str | None = None) -> dict[str, Any]:
     """Loads a :func:`save_engine` checkpoint into an engine built like the saved one; returns its client state.
 
-    ``load_module_strict=False`` because the frozen parameters were excluded on save (the engine keeps the ones it
-    was built with). Collective: every rank must call it.
+    Every file is checked against the digests recorded at save time first (:func:`verify_engine_checkpoint`), because
+    DeepSpeed's loader unpickles. ``load_module_strict=False`` because the frozen parameters were excluded on save
+    (the engine keeps the ones it was built with). Collective: every rank must call it.
 
     Raises:
-        CheckpointError: DeepSpeed found nothing to load in `ckpt_dir`.
+        CheckpointError: nothing to load in `ckpt_dir`, or a file that this harness did not write.
     """
+    tag = _engine_tag(Path(ckpt_dir), tag)
+    verify_engine_checkpoint(ckpt_dir, tag=tag)
     load_path, client_state = engine.load_checkpoint(
         str(ckpt_dir), tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
     )
@@ -364,4 +458,5 @@ __all__ = [
     "restore_rng",
     "save_checkpoint",
     "save_engine",
+    "verify_engine_checkpoint",
 ]

@@ -248,3 +248,73 @@ def test_deepspeed_zero2_cpu_save_load(tmp_path, ds_single_process):
         torch.testing.assert_close(p, _trainable(eng.module)[n], rtol=0, atol=0, msg=n)
     with pytest.raises(ck.CheckpointError, match="no DeepSpeed checkpoint"):
         ck.load_engine(eng2, tmp_path / "empty")
+
+
+class _FakeEngine:
+    """Writes a DeepSpeed-like layout (<dir>/latest, <dir>/<tag>/mp_rank_00_model_states.pt) and records loads."""
+
+    def __init__(self):
+        self.loaded = []
+
+    def save_checkpoint(self, d, tag=None, client_state=None, exclude_frozen_parameters=False):
+        tag = tag or "global_step2"
+        (Path(d) / tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"module": {"w": torch.ones(2)}, "client": client_state}, Path(d) / tag / "mp_rank_00_model_states.pt")
+        (Path(d) / "latest").write_text(tag)
+
+    def load_checkpoint(self, d, tag=None, **kw):
+        self.loaded.append((d, tag))
+        return d, {"step": 2}
+
+
+class _Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # runs on unpickling: proves whether anything unpickled the file
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("attack", ["replaced", "added", "no_digests", "tag_escape"])
+def test_planted_pickle_in_a_deepspeed_checkpoint_is_refused_without_unpickling(tmp_path, attack):
+    import pickle
+
+    ckdir, marker = tmp_path / "engine", tmp_path / "PWNED"
+    ck.save_engine(_FakeEngine(), ckdir, client_state={"step": 2})
+    tdir = ckdir / "global_step2"
+    assert (tdir / ck.ENGINE_DIGESTS_FILE).is_file()
+    ok = _FakeEngine()
+    assert ck.load_engine(ok, ckdir) == {"step": 2} and ok.loaded  # an untouched checkpoint loads
+    payload = pickle.dumps({"module": _Planted(marker)})
+    if attack == "replaced":
+        (tdir / "mp_rank_00_model_states.pt").write_bytes(payload)
+        match = "does not match the SHA-256"
+    elif attack == "added":
+        (tdir / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(payload)
+        match = "not part of the checkpoint written by this harness"
+    elif attack == "no_digests":
+        (tdir / ck.ENGINE_DIGESTS_FILE).unlink()
+        (tdir / "mp_rank_00_model_states.pt").write_bytes(payload)
+        match = "has no mope_digests.json"
+    else:
+        (ckdir / "latest").write_text("../elsewhere")
+        match = "not a plain directory name"
+    victim = _FakeEngine()
+    with pytest.raises(ck.CheckpointError, match=match):
+        ck.load_engine(victim, ckdir)
+    assert not victim.loaded, "DeepSpeed's (unpickling) loader was called"
+    assert not marker.exists()
+
+
+def test_planted_pickle_as_train_state_is_refused_without_unpickling(tmp_path):
+    """The trainer's resume path (harness.worker, DeepSpeed on or off) reads only train_state.pt (weights_only) and the
+    safetensors adapter: a pickle planted in a run's newest checkpoint does not run."""
+    import pickle
+
+    marker = tmp_path / "PWNED"
+    d = tmp_path / "run" / ck.CHECKPOINT_DIR / "step-9"
+    d.mkdir(parents=True)
+    (d / ck.TRAIN_STATE_FILE).write_bytes(pickle.dumps({"format": ck.STATE_FORMAT, "x": _Planted(marker)}))
+    with pytest.raises(ck.CheckpointError, match="corrupt or unreadable"):
+        ck.load_latest(tmp_path / "run")
+    assert not marker.exists()
