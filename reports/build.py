@@ -93,6 +93,8 @@ def missing_items(data: SweepData, metric: str) -> tuple[list[str], list[str]]:
             names = ", ".join(f"{a}-s{s}" for a, s in zip(lacking["label"], lacking["seed"]))
             missing.append(f"{key} ({why}) absent from {len(lacking)} FINISHED run(s): {names[:400]}")
     mope = fin[fin.get("method.name", pd.Series(dtype=object)) == "mope"] if "method.name" in fin else fin.iloc[0:0]
+    if "mope.use_dynamic" in mope:  # Table-2 rows without P_d have no router, hence no routing history to miss
+        mope = mope[mope["mope.use_dynamic"].map(lambda v: v is not False)]
     if len(mope):
         have = set(data.history[data.history["key"] == "routing/entropy"]["run_id"]) if len(data.history) else set()
         lacking = mope[~mope["run_id"].isin(have)]

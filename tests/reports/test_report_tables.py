@@ -151,6 +151,16 @@ def test_prompt_ablation_table2_and_claim(tmp_path):
     assert t2.rows[-1][1].startswith("0.590 ± 0.002") and t2.rows[-1][2] == "73.59±.15"
     assert _verdicts(evaluate_claims(_ablation(full_best=False), "final/test_acc")) == {
         "prompt_ablation": "not supported"}
+    # rows without P_d have no router: their missing routing history is not reported; a routed row's is
+    from reports.build import missing_items
+
+    data = _ablation()
+    routed = data.runs[data.runs["mope.use_dynamic"]]["run_id"]
+    data.history = pd.DataFrame([{"run_id": r, "key": "routing/entropy", "step": 10, "value": 1.0} for r in routed])
+    assert not [m for m in missing_items(data, "final/test_acc")[0] if "routing/entropy" in m]
+    data.history = data.history.iloc[3:]
+    assert any("routing/entropy history absent from 3 FINISHED MoPE run(s)" in m
+               for m in missing_items(data, "final/test_acc")[0])
 
 
 # -- baselines (Table 1) and the collapse flag ------------------------------------------------------------------------
