@@ -199,18 +199,34 @@ def run_trial(config: dict[str, Any]) -> None:
     except KeyboardInterrupt:
         tracker.finish("KILLED")
         raise
-    except TrainingDiverged as e:  # deterministic: retrying gives the same; end the trial, the run says FAILED
-        tracker.set_tags({"harness.error": f"{type(e).__name__}: {e}"[:5000]})
-        tracker.finish("FAILED")
-        tune.report({objective: float("nan"), OBJECTIVE_KEY: float("nan"), "epochs": float(epochs),
-                     STATUS_KEY: "diverged"})
-        return
     except BaseException as e:
         tracker.set_tags({"harness.error": f"{type(e).__name__}: {e}"[:5000]})
         tracker.finish("FAILED")
-        raise
+        if not is_deterministic_failure(e):
+            raise  # a crash, OOM, lost node...: Tune retries it from the trial's last checkpoint
+        # deterministic (diverged loss, bad configuration or input): a retry gives the same; end the trial now,
+        # with the cause on the trial row and in MLflow (harness.error)
+        cause = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        tune.report({objective: float("nan"), OBJECTIVE_KEY: float("nan"), "epochs": float(epochs),
+                     STATUS_KEY: ("diverged: " if isinstance(e, TrainingDiverged) else "failed: ") + cause})
+        return
     tracker.finish("FINISHED" if summary.get("finished") else "KILLED")
     tune.report(_final_metrics(summary, cfg))
+
+
+def is_deterministic_failure(e: BaseException) -> bool:
+    """True for failures that a retry of the same trial reproduces exactly: a diverged loss, a configuration or
+    input error (ConfigError, ValueError, TypeError, KeyError, a refused adapter/checkpoint, a missing file). Tune
+    retries only the others (a killed worker, OOM, a lost node)."""
+    from harness.checkpoint import CheckpointError
+    from harness.compose import ConfigValidationError
+    from harness.worker import TrainingDiverged
+    from mope.config import ConfigError
+
+    if isinstance(e, (KeyboardInterrupt, SystemExit, MemoryError)):
+        return False
+    return isinstance(e, (TrainingDiverged, ConfigError, ConfigValidationError, CheckpointError, ValueError,
+                          TypeError, KeyError, FileNotFoundError, NotImplementedError))
 
 
 # -- multi-worker trials: Ray Train TorchTrainer ----------------------------------------------------------------------
@@ -338,7 +354,7 @@ def progress_lines(rows: list[dict[str, Any]], *, sweep_id: str, objective: str,
     final = ("TERMINATED", "ERROR")
     n_done = sum(r["state"] in final for r in rows)
     n_run = sum(r["state"] == "RUNNING" for r in rows)
-    n_err = sum(r["state"] == "ERROR" for r in rows)
+    n_err = sum(r["state"] == "ERROR" or bool(r.get("status")) for r in rows)
     n_pend = len(rows) - n_done - n_run
     durs = [r["duration"] for r in rows if r["state"] == "TERMINATED" and r.get("duration") and not r.get("skipped")]
     est = sum(durs) / len(durs) if durs else None
@@ -357,9 +373,10 @@ def progress_lines(rows: list[dict[str, Any]], *, sweep_id: str, objective: str,
         ep = f"{int(r['epoch']) + 1}/{r['epochs']}" if r.get("epoch") is not None else f"-/{r['epochs']}"
         m = r.get("metric")
         ms = f"{m:.4f}" if isinstance(m, float) and math.isfinite(m) else "-"
-        state = "SKIPPED" if r.get("skipped") else r["state"]
+        state = "SKIPPED" if r.get("skipped") else ("FAILED" if r.get("status") else r["state"])
         tm = _fmt_s(r.get("duration") if r["state"] in final else r.get("running_for"))
-        lines.append(f"  {r['label']:<{w}}  {r['seed']:>4}  {state:<10}  {ep:>5}  {ms:>14}  {tm}")
+        cause = f"  {r['status']}" if r.get("status") else ""
+        lines.append(f"  {r['label']:<{w}}  {r['seed']:>4}  {state:<10}  {ep:>5}  {ms:>14}  {tm}{cause}")
     return lines
 
 
@@ -431,7 +448,7 @@ def _make_progress_callback(sweep_id: str, objective: str, concurrency: int, eve
                 rows.append({"label": t["label"], "seed": t["seed"], "state": tr.status, "epoch": epoch,
                              "epochs": epochs, "metric": res.get(self.objective), "frac": min(frac, 1.0),
                              "running_for": (now - start) if start else None, "duration": dur,
-                             "skipped": bool(res.get(SKIPPED_KEY))})
+                             "skipped": bool(res.get(SKIPPED_KEY)), "status": res.get(STATUS_KEY)})
             seen = {(r["label"], r["seed"]) for r in rows}
             rows += [{"label": lab, "seed": seed, "state": "PENDING", "epoch": None, "epochs": ep, "metric": None,
                       "frac": 0.0, "running_for": None, "duration": None, "skipped": False}
@@ -602,6 +619,16 @@ def run_sweep(spec, trials: list[dict[str, Any]], *, num_cpus: int | None = None
         status = "FINISHED" if not missing else ("FAILED" if n_err else "KILLED")
         print(f"[{spec.sweep_id}] {len(trials) - len(missing)}/{len(trials)} trials FINISHED, {n_err} errored, "
               f"{time.time() - t0:.0f}s; MLflow parent run {parent.run_id}", file=out, flush=True)
+        causes = {r.data.tags.get("harness.trial_key"): r.data.tags["harness.error"] for r in children
+                  if r.info.status == "FAILED" and r.data.tags.get("harness.error")}
+        failed = [t for t in missing if t["trial_key"] in causes]
+        for t in failed:
+            print(f"[{spec.sweep_id}] {t['label']}-s{t['seed']} FAILED: {causes[t['trial_key']].splitlines()[0]}",
+                  file=out, flush=True)
+        if failed:
+            print(f"[{spec.sweep_id}] a deterministic failure is not retried; fix its cause, then `rm -r {exp_dir}` "
+                  "and re-run the same command: FINISHED trials are skipped (their MLflow runs), the others run again",
+                  file=out, flush=True)
         if missing:
             print(f"[{spec.sweep_id}] not finished: " + ", ".join(f"{t['label']}-s{t['seed']}" for t in missing[:20])
                   + ("; re-run the same command to resume" if status == "KILLED" else

@@ -277,3 +277,52 @@ def test_two_worker_torchtrainer_trial_trains_on_disjoint_data(small_demo, tmp_p
     assert len(children) == 1 and children[0].info.status == "FINISHED"
     assert "final/test_acc" in children[0].data.metrics
     assert json.loads(children[0].data.tags["harness.axes"]) == {"mope.num_experts": 2, "method": "mope"}
+
+
+def test_progress_row_shows_a_failed_trial_and_its_cause():
+    from harness.launch import progress_lines
+
+    rows = [{"label": "a", "seed": 0, "state": "TERMINATED", "epoch": None, "epochs": 2, "metric": float("nan"),
+             "duration": 3.0, "status": "failed: ValueError: trainer.min_steps_per_epoch=9 > ..."},
+            {"label": "b", "seed": 0, "state": "TERMINATED", "epoch": 1, "epochs": 2, "metric": 0.6, "duration": 9.0}]
+    lines = progress_lines(rows, sweep_id="s-1", objective="objective", concurrency=2, elapsed=10)
+    assert "errors 1" in lines[0] and "done 2/2" in lines[0]
+    assert "FAILED" in lines[2] and "min_steps_per_epoch" in lines[2] and "FAILED" not in lines[3]
+
+
+def test_deterministic_failures_are_classified():
+    from harness.launch import is_deterministic_failure
+    from harness.worker import TrainingDiverged
+
+    assert is_deterministic_failure(TrainingDiverged("nan at step 3"))
+    assert is_deterministic_failure(ValueError("trainer.min_steps_per_epoch=9 > trainer.max_steps_per_epoch=3"))
+    assert is_deterministic_failure(FileNotFoundError("shard"))
+    assert not is_deterministic_failure(RuntimeError("worker died"))
+    assert not is_deterministic_failure(MemoryError())
+    assert not is_deterministic_failure(KeyboardInterrupt())
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_deterministic_trial_failure_fails_fast_with_its_cause(small_demo, tmp_path):
+    """A configuration error inside a trial (passes spec validation, raises in the worker) is not retried: the trial
+    row says FAILED with the cause, the MLflow child is FAILED with harness.error, the other trial still finishes."""
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(SMOKE.read_text().replace("name: smoke", "name: smoke_bad").replace(
+        "  vanilla:\n    method: vanilla_prompt\n",
+        "  vanilla:\n    method: vanilla_prompt\n    trainer.min_steps_per_epoch: 9\n"))
+    run_root = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "sweep", str(spec), "--progress-every", "5",
+                           "--no-report"], cwd=tmp_path, env=_env(small_demo, run_root), capture_output=True,
+                          text=True, timeout=600, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "retrying" not in out, out[-3000:]  # Tune's on_trial_recover never fired
+    assert "vanilla-num_experts2-vanilla_prompt_len19-s0 FAILED: ValueError: trainer.min_steps_per_epoch=9" in out
+    assert "1/2 trials FINISHED" in out
+    children = _children(_runs(run_root))
+    assert len(children) == 2
+    bad = next(r for r in children if r.data.tags.get("harness.arm") == "vanilla" or "vanilla" in
+               r.data.tags.get("mlflow.runName", ""))
+    assert bad.info.status == "FAILED" and "min_steps_per_epoch" in bad.data.tags["harness.error"]
+    assert sum(r.info.status == "FINISHED" for r in children) == 1
