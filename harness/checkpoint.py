@@ -178,6 +178,7 @@ def save_checkpoint(
 
     Raises:
         TypeError: part of the state would not load with ``weights_only=True`` (the offending key is named).
+        CheckpointError: the directory cannot be written (disk full, permissions); the previous checkpoint is kept.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -201,13 +202,13 @@ def save_checkpoint(
     }
     check_weights_only_safe(state)
 
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root)
     tmp = root / f"{_TMP_PREFIX}step-{int(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(root)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
         save_adapter(model, tmp)
         with open(tmp / TRAIN_STATE_FILE, "wb") as f:
             torch.save(state, f)
@@ -221,6 +222,15 @@ def save_checkpoint(
         _fsync_dir(root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # disk full, read-only or unwritable directory, quota: the previous checkpoint is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = list_checkpoints(run_dir)
+        raise CheckpointError(
+            f"cannot write checkpoint step-{int(step)} under {root}: {e.strerror or e} (errno {e.errno}); "
+            + (f"the previous checkpoint {prev[-1][1]} is intact and a re-run resumes from it; " if prev else "")
+            + "free disk space or make the directory writable (or point paths.run_root at another disk), then "
+            "re-run the same command"
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import faults
+
 log = logging.getLogger("harness.launch")
 
 SWEEP_TAG = "harness.sweep_id"
@@ -157,7 +159,9 @@ def _final_metrics(summary: dict[str, Any], cfg: dict[str, Any]) -> dict[str, An
     return out
 
 
-def _setup_trial_process() -> None:
+def _setup_trial_process(config: dict[str, Any] | None = None) -> None:
+    if config and config.get("fault_inject"):
+        os.environ[faults.ENV] = config["fault_inject"]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -167,7 +171,7 @@ def run_trial(config: dict[str, Any]) -> None:
     """The Tune trainable: one trial (see the module docstring)."""
     from ray import tune
 
-    _setup_trial_process()
+    _setup_trial_process(config)
     t = config["trial"]
     cfg = copy.deepcopy(t["cfg"])
     cfg["resume"] = True  # a restarted trial continues from its last epoch checkpoint
@@ -255,7 +259,8 @@ def _run_torchtrainer(config: dict[str, Any], cfg: dict[str, Any]) -> None:
         train_loop_config={"cfg": cfg, "trial": {k: v for k, v in t.items() if k != "cfg"},
                            "parent_run_id": config["parent_run_id"], "tags": tags,
                            "objective": config["objective"]["metric"],
-                           "sample_log_dir": config.get("sample_log_dir")},
+                           "sample_log_dir": config.get("sample_log_dir"),
+                           "fault_inject": config.get("fault_inject")},
         scaling_config=ray.train.ScalingConfig(num_workers=int(res["workers"]), use_gpu=gpus > 0,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=config["storage_path"],
@@ -283,7 +288,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from harness.train_cmd import open_tracker, run
 
-    _setup_trial_process()
+    _setup_trial_process(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = copy.deepcopy(config["cfg"])
@@ -595,6 +600,7 @@ def run_sweep(spec, trials: list[dict[str, Any]], *, num_cpus: int | None = None
                 "resources": dict(res.__dict__),
                 "storage_path": str(storage),
                 "sample_log_dir": os.environ.get("HARNESS_SAMPLE_LOG_DIR"),
+                "fault_inject": os.environ.get(faults.ENV),  # reliability tests only (harness.faults)
             }
             progress = _make_progress_callback(spec.sweep_id, spec.objective.metric, concurrency, progress_every_s,
                                                [(t["label"], t["seed"], int(t["cfg"]["trainer"]["epochs"]))

@@ -11,6 +11,12 @@ Design (``shared/docs/architecture.md`` §5, §7 and pitfalls 8–10):
   the run is new and *verified* when it is resumed; a changed configuration is an error naming the keys.
 * Child runs in another process get ``mlflow.parentRunId`` set explicitly (``nested=True`` is in-process only).
 * Metrics are logged against an explicit global step, so a resumed run overwrites instead of interleaving.
+* A store that is unavailable for a while (SQLite locked by another writer, tracking server down) does not stop
+  training: metrics and tags are buffered in order and retried with backoff (:func:`is_transient_store_error`);
+  the worker stores what is still buffered inside each checkpoint, so a crash cannot lose it, and :meth:`finish`
+  waits up to ``HARNESS_MLFLOW_RETRY_S`` (default 600 s) for the store. If it never comes back, the buffered metrics
+  are written to ``spill_path`` (the run directory's ``unlogged_metrics.jsonl``, replayed into the run when the trial
+  is resumed) and :class:`TrackingUnavailable` names the store, the count and the file: never silently missing.
 
 The default store is a local SQLite file (``sqlite:///<run_dir>/mlflow.db``) with artifacts in ``<run_dir>/mlartifacts``;
 ``mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db`` shows runs and artifacts. ``MLFLOW_TRACKING_URI``
@@ -22,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -48,6 +55,42 @@ class ParamConflictError(ValueError):
     """A resumed run was opened with a configuration that differs from the params it already holds."""
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking store stayed unavailable past the retry budget; the message names what was not logged."""
+
+
+# error codes MLflow gives a store that is there but cannot answer now (SQLite "database is locked" comes back as
+# TEMPORARILY_UNAVAILABLE after the driver's busy timeout; an unreachable server after MLflow's own HTTP retries)
+# (MLflow's default code INTERNAL_ERROR is not one of them: it also marks real bugs; an unreachable server is
+# recognised by its message, a 5xx answer by "error code 5xx")
+_TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}
+_TRANSIENT_TEXT = ("database is locked", "unable to open database", "disk i/o error", "max retries exceeded",
+                   "connection refused", "connection reset", "connection aborted", "timed out",
+                   "temporarily unavailable")
+_HTTP_5XX = re.compile(r"error code 5\d\d")
+
+
+def is_transient_store_error(e: BaseException) -> bool:
+    """True when `e` says the store is unreachable or busy (retry later), not that the request is wrong."""
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    code = getattr(e, "error_code", None)
+    text = str(e).lower()
+    if code in _TRANSIENT_CODES or any(t in text for t in _TRANSIENT_TEXT) or _HTTP_5XX.search(text):
+        return True
+    mod = type(e).__module__
+    return mod.startswith(("sqlalchemy", "requests", "urllib3")) and "integrity" not in type(e).__name__.lower()
+
+
+def retry_budget_s() -> float:
+    """Seconds a tracker waits for an unavailable store before giving up (``HARNESS_MLFLOW_RETRY_S``, default 600)."""
+    try:
+        return float(os.environ.get("HARNESS_MLFLOW_RETRY_S", "600"))
+    except ValueError:
+        raise ValueError(f"HARNESS_MLFLOW_RETRY_S={os.environ['HARNESS_MLFLOW_RETRY_S']!r} is not a number of "
+                         "seconds") from None
+
+
 @runtime_checkable
 class Tracker(Protocol):
     """What the training worker logs through. Implementations: :class:`MLflowTracker`, :class:`NoopTracker`."""
@@ -66,6 +109,12 @@ class Tracker(Protocol):
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
 
     def finish(self, status: RunStatus = "FINISHED") -> None: ...
+
+    def try_flush(self) -> bool: ...
+
+    def pending_metrics(self) -> list[list[Any]]: ...
+
+    def requeue_metrics(self, rows: Iterable[Iterable[Any]]) -> None: ...
 
 
 # -- config flattening ---------------------------------------------------------------------------------------------------
@@ -214,6 +263,15 @@ class NoopTracker:
     def finish(self, status: RunStatus = "FINISHED") -> None:
         _check_status(status)
 
+    def try_flush(self) -> bool:
+        return True
+
+    def pending_metrics(self) -> list[list[Any]]:
+        return []
+
+    def requeue_metrics(self, rows: Iterable[Iterable[Any]]) -> None:
+        pass
+
     def __enter__(self) -> NoopTracker:
         return self
 
@@ -232,11 +290,18 @@ class MLflowTracker:
     Usable as a context manager: the run ends FINISHED, FAILED on an exception, KILLED on ``KeyboardInterrupt``.
     """
 
-    def __init__(self, client: Any, run_id: str, *, resumed: bool = False):
+    def __init__(self, client: Any, run_id: str, *, resumed: bool = False, retry_s: float | None = None,
+                 spill_path: str | Path | None = None):
         self.client = client
         self._run_id = run_id
         self.resumed = resumed
         self._finished = False
+        self.retry_s = retry_budget_s() if retry_s is None else float(retry_s)
+        self.spill_path = Path(spill_path) if spill_path is not None else None
+        self._pending: list[tuple[str, list]] = []  # ("metrics" | "tags", entities) in logging order
+        self._down_since: float | None = None
+        self._next_try = 0.0
+        self._backoff = 1.0
 
     @property
     def run_id(self) -> str:
@@ -364,32 +429,126 @@ class MLflowTracker:
         ts = int(time.time() * 1000)
         items = [Metric(str(k), _to_float(k, v), ts, step) for k, v in metrics.items()]
         for chunk in _chunks(items, MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self._run_id, metrics=chunk, synchronous=True)
+            self._pending.append(("metrics", chunk))
+        self.try_flush()
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(str(k), _tag_value(v)) for k, v in tags.items()]
         for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(self._run_id, tags=chunk, synchronous=True)
+            self._pending.append(("tags", chunk))
+        self.try_flush()
+
+    # -- buffering while the store is unavailable --------------------------------------------------------------
+    def try_flush(self) -> bool:
+        """Sends what is buffered, oldest first; True when nothing is left. While the store is down, calls before the
+        next retry time only buffer (training does not wait on a store that just failed)."""
+        if not self._pending:
+            return True
+        if time.monotonic() < self._next_try:
+            return False
+        while self._pending:
+            kind, chunk = self._pending[0]
+            try:
+                self.client.log_batch(self._run_id, synchronous=True, **{kind: chunk})
+            except Exception as e:
+                if not is_transient_store_error(e):
+                    raise
+                self._store_down(e)
+                return False
+            self._pending.pop(0)
+        if self._down_since is not None:
+            log.warning("MLflow store is back after %.0f s; run %s: buffered metrics logged",
+                        time.monotonic() - self._down_since, self._run_id)
+        self._down_since, self._backoff, self._next_try = None, 1.0, 0.0
+        return True
+
+    def _store_down(self, e: BaseException) -> None:
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            log.warning("MLflow store unavailable (%s: %s); run %s keeps training, buffering metrics and retrying",
+                        type(e).__name__, str(e).splitlines()[0][:200], self._run_id)
+        self._next_try = now + self._backoff
+        self._backoff = min(self._backoff * 2, 60.0)
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Waits (up to `timeout_s`, default :attr:`retry_s`) until everything buffered is logged.
+
+        Raises:
+            TrackingUnavailable: the store stayed unavailable; the buffered metrics were written to
+                :attr:`spill_path` (when set) and the message names the store, the run, the count and the file.
+        """
+        deadline = time.monotonic() + (self.retry_s if timeout_s is None else timeout_s)
+        while not self.try_flush():
+            if time.monotonic() >= deadline:
+                raise TrackingUnavailable(self._give_up_message())
+            time.sleep(max(0.05, min(self._next_try, deadline) - time.monotonic()))
+
+    def _give_up_message(self) -> str:
+        n = sum(len(c) for k, c in self._pending if k == "metrics")
+        where = ""
+        if self.spill_path is not None:
+            self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.spill_path.open("w") as f:
+                for row in self.pending_metrics():  # everything still buffered, replayed rows included
+                    f.write(json.dumps(row) + "\n")
+            where = (f"; they are saved in {self.spill_path} and logged into the run when the trial is resumed "
+                     "(re-run the same command once the store is reachable)")
+        uri = getattr(self.client, "_tracking_client", None)
+        uri = getattr(uri, "tracking_uri", None) or getattr(self.client, "tracking_uri", "?")
+        return (f"MLflow store {uri} unavailable for {self.retry_s:.0f} s (HARNESS_MLFLOW_RETRY_S): {n} metric "
+                f"values of run {self._run_id} not logged{where}")
+
+    def pending_metrics(self) -> list[list[Any]]:
+        """Buffered metric values as ``[key, value, timestamp_ms, step]`` rows (weights_only-safe, for checkpoints)."""
+        return [[m.key, float(m.value), int(m.timestamp), int(m.step)]
+                for kind, chunk in self._pending if kind == "metrics" for m in chunk]
+
+    def requeue_metrics(self, rows: Iterable[Iterable[Any]]) -> None:
+        """Buffers rows from :meth:`pending_metrics` again (after a resume); their original timestamps make a value
+        that did reach the store before the crash a duplicate of itself, not a second point."""
+        from mlflow.entities import Metric
+
+        items = [Metric(str(k), float(v), int(ts), int(st)) for k, v, ts, st in rows]
+        for chunk in _chunks(items, MAX_METRICS_PER_BATCH):
+            self._pending.append(("metrics", chunk))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Uploads a file, or a directory's contents, under `artifact_path` of the run's artifact root."""
         p = Path(path)
         if p.is_dir():
-            self.client.log_artifacts(self._run_id, str(p), artifact_path)
+            self._retrying(self.client.log_artifacts, self._run_id, str(p), artifact_path)
         elif p.is_file():
-            self.client.log_artifact(self._run_id, str(p), artifact_path)
+            self._retrying(self.client.log_artifact, self._run_id, str(p), artifact_path)
         else:
             raise FileNotFoundError(f"artifact {p} does not exist")
 
     def log_dict(self, obj: Any, name: str) -> None:
         """Writes `obj` as JSON (``.json``) or YAML (``.yaml``/``.yml``) artifact `name` (may contain folders)."""
-        self.client.log_dict(self._run_id, _to_plain(obj), name)
+        self._retrying(self.client.log_dict, self._run_id, _to_plain(obj), name)
+
+    def _retrying(self, fn: Any, *args: Any) -> Any:
+        """Calls `fn`, retrying with backoff while the store is unavailable (up to :attr:`retry_s`); used where the
+        call cannot be buffered (artifacts, closing the run)."""
+        deadline = time.monotonic() + self.retry_s
+        while True:
+            try:
+                return fn(*args)
+            except Exception as e:
+                if not is_transient_store_error(e):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise TrackingUnavailable(self._give_up_message()) from e
+                self._store_down(e)
+                time.sleep(max(0.05, min(self._next_try, deadline) - time.monotonic()))
 
     def finish(self, status: RunStatus = "FINISHED") -> None:
+        """Logs everything buffered (waiting for the store up to :attr:`retry_s`), then ends the run with `status`."""
         _check_status(status)
-        self.client.set_terminated(self._run_id, status=status)
+        self.flush()
+        self._retrying(self.client.set_terminated, self._run_id, status)
         self._finished = True
 
     def __enter__(self) -> MLflowTracker:
@@ -442,9 +601,11 @@ __all__ = [
     "NoopTracker",
     "ParamConflictError",
     "Tracker",
+    "TrackingUnavailable",
     "default_artifact_location",
     "default_tracking_uri",
     "ensure_experiment",
     "flatten_config",
+    "is_transient_store_error",
     "make_tracker",
 ]

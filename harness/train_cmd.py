@@ -103,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
               "add resume=true to continue it, or set run_name=<new name> for a separate run (nothing was changed)",
               file=sys.stderr)
         return 2
+    from harness.checkpoint import CheckpointError
+    from harness.tracking import TrackingUnavailable
+
     try:
         s = run(cfg)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, CheckpointError, TrackingUnavailable) as e:  # each message names the cause and fix
         print(f"harness train: FAILED: {e}", file=sys.stderr)
         return 1
     keys = [k for k in s if k.startswith("final/")]

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from harness import checkpoint as ck
+from harness import faults
 from harness.compose import fusion_config
 from harness.ds_config import deepspeed_config, trainable_param_groups
 from harness.tracking import NoopTracker, Tracker
@@ -53,7 +54,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-RUN_CONTROL_KEYS = ("overrides", "resume")  # how a run is started, not what it computes
+RUN_CONTROL_KEYS = ("overrides", "resume")
+UNLOGGED_METRICS_FILE = "unlogged_metrics.jsonl"  # see harness.tracking (store unavailable)  # how a run is started, not what it computes
 
 
 def config_id(cfg: dict[str, Any]) -> str:
@@ -440,6 +442,18 @@ def train(
     step, start_epoch = 0, 0
     objective = objective_key(task)
     best = {"metric": f"val/{objective}", "value": -math.inf, "step": -1, "epoch": -1}
+    is_main = rank == 0
+    # metrics the tracking store could not take (store down): kept in each checkpoint and, when the store never came
+    # back, in the run directory; both are logged again here, so a resume never leaves a hole in the run's metrics
+    spill = run_dir / UNLOGGED_METRICS_FILE
+    if is_main and hasattr(tracker, "spill_path"):
+        tracker.spill_path = spill
+    if is_main and spill.is_file():
+        rows = [json.loads(line) for line in spill.read_text().splitlines() if line.strip()]
+        tracker.requeue_metrics(rows)
+        log.info("replaying %d metric values that %s holds (the store was unavailable)", len(rows), spill)
+        if tracker.try_flush():
+            spill.unlink()
     if cfg.get("resume"):
         latest = ck.load_latest(run_dir)
         if latest is not None:
@@ -447,9 +461,11 @@ def train(
             ck.restore(path, state, model=model, optimizer=optimizer, scheduler=scheduler, rng=True)
             step, start_epoch = int(state["step"]), int(state["epoch"]) + 1
             best = dict(state.get("best") or best)
+            if is_main:
+                tracker.requeue_metrics((state.get("extra") or {}).get("unlogged_metrics") or [])
             log.info("resumed from %s at step %d (epoch %d)", path, step, start_epoch)
+    injected = faults.for_run(str(cfg.get("run_name", "")))
 
-    is_main = rank == 0
     if is_main and start_epoch == 0:
         tracker.log_metrics({"cost/trainable_params": float(sum(p.numel() for p in model.parameters()
                                                                  if p.requires_grad)),
@@ -492,6 +508,8 @@ def train(
                 batch["comp_feat"] = cache.lookup("train", batch["key"])
             out = engine.forward(batch)
             loss = task_loss(out.logits.float(), batch["label"], task) + out.aux_loss
+            if injected:
+                loss = faults.after_step(injected, step + 1, loss)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"non-finite loss {loss.item()} at step {step + 1} (epoch {epoch}, batch {b})")
             engine.backward_step(loss)
@@ -534,8 +552,11 @@ def train(
             run_eval(epoch)
         elif eval_steps is not None and step % eval_steps != 0 and epoch + 1 == epochs:
             run_eval(epoch)
+        if is_main:
+            tracker.try_flush()
         ck.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                            data_state={"epoch": epoch, "batches_per_epoch": batches_per_epoch}, best=best,
+                           extra={"unlogged_metrics": tracker.pending_metrics() if is_main else []},
                            keep_last=int(tr.get("keep_checkpoints", 2)), is_main_process=is_main)
         last_epoch_run = epoch
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from harness.compose import compose
 
 
@@ -27,3 +29,9 @@ def cfg_for(demo: Path, run_root: Path, *extra: str) -> dict:
         "trainer.batch_size=32", "trainer.log_every_steps=4", "trainer.routing_stats_every_steps=4",
         "trainer.threads=1", "trainer.lr_vision=1e-2", "trainer.lr_text=1e-2", *extra,
     ])
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory):
+    """The small demo build, once per test session (conftests of tests/harness and tests/reliability import it)."""
+    return build_small_demo(tmp_path_factory.mktemp("demo") / "demo")
