@@ -199,10 +199,15 @@ def _compose_error(msg: str, overrides: list[str], config_name: str) -> str:
 def fusion_config(cfg: dict[str, Any]) -> FusionConfig:
     """The typed model config from a composed config (raises ConfigError naming the field)."""
     model = dict(cfg["model"])
-    nested = ("method", "vision", "text", "num_classes", "task", "mope")
+    nested = ("method", "vision", "text", "audio", "video", "num_classes", "task", "mope")
     check_fields(FusionConfig, model, "model", skip=nested)
     check_fields(EncoderConfig, dict(cfg["vision"]), "vision")
     check_fields(EncoderConfig, dict(cfg["text"]), "text")
+    extra = {}
+    for m in ("audio", "video"):  # optional modalities (MUStARD): null unless audio=... / video=... is selected
+        if cfg.get(m):
+            check_fields(EncoderConfig, dict(cfg[m]), m)
+            extra[m] = EncoderConfig(**cfg[m])
     check_fields(MoPEConfig, dict(cfg["mope"]), "mope")
     nc = cfg["data"]["num_classes"]
     if isinstance(nc, bool) or not isinstance(nc, int):
@@ -217,6 +222,7 @@ def fusion_config(cfg: dict[str, Any]) -> FusionConfig:
         num_classes=int(cfg["data"]["num_classes"]),
         task=cfg["data"]["task"],
         mope=MoPEConfig(**cfg["mope"]),
+        **extra,
         **model,
     )
 

@@ -86,6 +86,7 @@ class Task(_StrEnum):
 
 
 X0_POOL_VALUES = ("auto", "mean_all_tokens", "cls", "mean_patches")
+MODALITIES = ("vision", "text", "audio", "video")
 
 
 def _coerce_enum(owner: str, name: str, value: Any, enum: type[Enum]) -> Enum:
@@ -196,7 +197,9 @@ class EncoderConfig:
     """How to build one frozen encoder without downloading anything.
 
     kind: timm_vit | timm_swin (timm models, `name` a timm model name) | hf_bert (transformers BertModel; `name` a
-    local dir, 'minilm' (offline package) or 'bert-base-uncased' (random init from the BERT-base config)).
+    local dir, 'minilm' (offline package) or 'bert-base-uncased' (random init from the BERT-base config)) | hf_wav2vec2
+    (transformers Wav2Vec2Model audio encoder; `name` a local dir or 'wav2vec2-base' / 'facebook/wav2vec2-base-960h'
+    (random init from the base config); `kwargs` Wav2Vec2Config overrides).
     weights: local file/dir with pretrained weights (safetensors); None = random init (architecture only).
     """
 
@@ -207,7 +210,7 @@ class EncoderConfig:
     pool: str = "cls"  # hf_bert: cls | pooler | mean
 
     def __post_init__(self) -> None:
-        kinds = ("timm_vit", "timm_swin", "hf_bert")
+        kinds = ("timm_vit", "timm_swin", "hf_bert", "hf_wav2vec2")
         _check(self.kind in kinds, "encoder", "kind", self.kind, f"one of {kinds}")
         _check(self.pool in ("cls", "pooler", "mean"), "encoder", "pool", self.pool, "cls | pooler | mean")
 
@@ -219,7 +222,20 @@ class FusionConfig:
     method: Method = Method.MOPE
     vision: EncoderConfig = field(default_factory=EncoderConfig)
     text: EncoderConfig = field(default_factory=lambda: EncoderConfig(kind="hf_bert", name="bert-base-uncased"))
+    audio: EncoderConfig | None = field(
+        default=None, metadata={"help": "audio encoder (kind hf_wav2vec2); None = no audio modality"}
+    )
+    video: EncoderConfig | None = field(
+        default=None,
+        metadata={"help": "per-frame encoder of the video modality (a timm vision encoder, mean over frames)"},
+    )
     main: str = field(default="vision", metadata={"help": "main (prompted) modality: vision | text"})
+    complementary: list[str] | None = field(
+        default=None,
+        metadata={"help": "complementary modalities whose features, concatenated in this order, form psi; None = the "
+                  "other of vision/text. Several (e.g. [audio, video] into a text-main MoPE, MUStARD) are frozen "
+                  "black boxes"},
+    )
     num_classes: int = 101
     task: Task = Task.SINGLE_LABEL
     mope: MoPEConfig = field(default_factory=MoPEConfig)
@@ -241,9 +257,31 @@ class FusionConfig:
             self.text = EncoderConfig(**self.text)
         if isinstance(self.mope, dict):
             self.mope = MoPEConfig(**self.mope)
+        for name in ("audio", "video"):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, EncoderConfig(**getattr(self, name)))
         _check(self.main in ("vision", "text"), "model", "main", self.main, "'vision' or 'text'")
+        comp = self.complementary_modalities
+        _check(len(comp) >= 1 and len(set(comp)) == len(comp) and self.main not in comp, "model", "complementary",
+               self.complementary, f"distinct modalities other than the main one ({self.main!r})")
+        for m in comp:
+            _check(m in MODALITIES, "model", "complementary", self.complementary, f"each one of {MODALITIES}")
+            _check(getattr(self, m) is not None, "model", "complementary", self.complementary,
+                   f"{m!r} needs its encoder config (e.g. {m}={'wav2vec2_base' if m == 'audio' else 'vit_b16'})")
+        if self.video is not None:
+            _check(self.video.kind in ("timm_vit", "timm_swin"), "video", "kind", self.video.kind,
+                   "a timm vision encoder (timm_vit | timm_swin) run on every frame")
+        if self.audio is not None:
+            _check(self.audio.kind == "hf_wav2vec2", "audio", "kind", self.audio.kind, "'hf_wav2vec2'")
         _check(self.num_classes >= 1, "model", "num_classes", self.num_classes, ">= 1")
         _check(self.comp_prompt_len >= 0, "model", "comp_prompt_len", self.comp_prompt_len, ">= 0")
+
+    @property
+    def complementary_modalities(self) -> list[str]:
+        """The complementary modalities, in psi's order (default: the other of vision/text)."""
+        if self.complementary is None:
+            return ["text" if self.main == "vision" else "vision"]
+        return [str(m) for m in self.complementary]
 
     # -- serialisation ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -278,7 +316,8 @@ def _build(cls: type, d: dict[str, Any], owner: str) -> Any:
     if unknown:
         raise ConfigError(f"{owner}: unknown field(s) {unknown}; known fields: {sorted(names)}")
     kwargs: dict[str, Any] = {}
-    nested = {"vision": EncoderConfig, "text": EncoderConfig, "mope": MoPEConfig}
+    nested = {"vision": EncoderConfig, "text": EncoderConfig, "audio": EncoderConfig, "video": EncoderConfig,
+              "mope": MoPEConfig}
     for k, v in d.items():
         if k in nested and isinstance(v, dict) and cls is FusionConfig:
             kwargs[k] = _build(nested[k], v, f"{owner}.{k}")

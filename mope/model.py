@@ -4,6 +4,7 @@ of Table 1/2, the vanilla-prompt arm of Fig. 4) is a configuration of these part
 
 Batch contract (built by the data loader; no tokenization here):
     image (B,3,H,W) float; input_ids / attention_mask / token_type_ids (B,T) long;
+    audio / audio_mask (B,L) 16 kHz waveform + validity (MUStARD); frames (B,T,3,H,W) [+ frames_mask (B,T)];
     optional comp_feat (B, d): precomputed feature of a black-box complementary encoder (feature cache).
 """
 
@@ -32,10 +33,46 @@ class FusionOutput:
     features: Tensor  # what the head read
 
 
-def _inputs_for(kind: str, batch: Mapping[str, Any]) -> Any:
-    if kind == "hf_bert":
-        return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-    return batch["image"]
+_BATCH_KEYS = {
+    "text": ("input_ids", "attention_mask", "token_type_ids"),
+    "audio": ("audio", "audio_mask"),
+    "video": ("frames", "frames_mask"),
+}
+
+
+def _inputs_for(modality: str, batch: Mapping[str, Any]) -> Any:
+    """The batch fields one modality's encoder reads: the image tensor, or a dict of that modality's tensors."""
+    if modality == "vision":
+        return batch["image"]
+    keys = _BATCH_KEYS[modality]
+    if keys[0] not in batch:
+        raise KeyError(f"the batch has no {keys[0]!r} field for the {modality} encoder (batch keys {sorted(batch)}); "
+                       f"the shards must carry {modality} (e.g. `harness prep mustard --opt frames=8` for video)")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+class MultiComplementary(nn.Module):
+    """Several frozen complementary encoders as one black box: psi = the concatenation of their features in the
+    configured order (e.g. [audio, video] for MUStARD: wav2vec2 mean-pooled + frame-encoder mean over frames)."""
+
+    def __init__(self, encoders: Mapping[str, nn.Module]):
+        super().__init__()
+        self.encoders = nn.ModuleDict(dict(encoders))
+        self.out_dim = sum(_out_dim(e) for e in self.encoders.values())
+
+    def forward(self, inputs: Mapping[str, Any]) -> Tensor:
+        return torch.cat([enc(_inputs_for(m, inputs)) for m, enc in self.encoders.items()], dim=-1)
+
+
+def _create_modality_encoder(modality: str, cfg: EncoderConfig, **kwargs: Any) -> nn.Module:
+    """A frozen encoder for `modality`; video = the vision encoder run on every frame (mean over frames)."""
+    enc = create_encoder(cfg, **kwargs)
+    if modality == "video":
+        from mope.backbones.frames import FrameEncoder
+
+        enc.freeze()
+        return FrameEncoder(enc)
+    return enc
 
 
 class FusionModel(nn.Module):
@@ -53,10 +90,17 @@ class FusionModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.spec: MethodSpec = METHODS[cfg.method]
-        main_cfg, comp_cfg = (cfg.vision, cfg.text) if cfg.main == "vision" else (cfg.text, cfg.vision)
+        comp_mods = cfg.complementary_modalities
+        main_cfg, comp_cfg = getattr(cfg, cfg.main), getattr(cfg, comp_mods[0])
         self.main_kind, self.comp_kind = main_cfg.kind, comp_cfg.kind
         self.main_modality = cfg.main
-        self.comp_modality = "text" if cfg.main == "vision" else "vision"
+        self.comp_modalities = list(comp_mods)
+        self.comp_modality = "+".join(comp_mods)
+        if len(comp_mods) > 1 and (self.spec.train_comp or comp_module is not None):
+            raise ValueError(f"model.complementary={comp_mods}: several complementary modalities are frozen black "
+                             f"boxes; method {cfg.method.value!r} fine-tunes the complementary encoder (or a custom one "
+                             "was given): use one complementary modality, or a prompt method (mope, vanilla_prompt, "
+                             "p_sequential_fuse, promptfuse)")
         pcfg = main_prompt_config(cfg)
         self.prompt_cfg = pcfg
         m = pcfg or cfg.mope
@@ -76,8 +120,13 @@ class FusionModel(nn.Module):
                 if not hasattr(comp_module, "out_dim"):
                     raise ValueError("comp_module needs an `out_dim` attribute (width of its output vector)")
                 self.comp_encoder = comp_module
+            elif len(comp_mods) > 1:
+                self.comp_encoder = MultiComplementary({
+                    m: _create_modality_encoder(m, getattr(cfg, m), x0_pool=DEFAULT_X0_POOL[getattr(cfg, m).kind])
+                    for m in comp_mods})
             else:
-                self.comp_encoder = create_encoder(comp_cfg, x0_pool=DEFAULT_X0_POOL[comp_cfg.kind])
+                self.comp_encoder = _create_modality_encoder(comp_mods[0], comp_cfg,
+                                                             x0_pool=DEFAULT_X0_POOL[comp_cfg.kind])
         comp_dim = _out_dim(self.comp_encoder) if self.comp_encoder is not None else 0
         self.comp_dim = comp_dim
 
@@ -90,7 +139,10 @@ class FusionModel(nn.Module):
         lp = comp_prompt_len(cfg)
         # With comp_tuned=False the complementary prompts would stay at their random init: plain frozen encoder instead
         # (Table 5 "BERT frozen", mope-reference §2), so its features are a cacheable black box.
-        if lp > 0 and self.comp_encoder is not None and not self.comp_is_custom and cfg.comp_tuned:
+        # complementary prompts: the BERT (or, text main, the vision encoder) of a two-modality model; audio, video
+        # and several complementary modalities are frozen black boxes
+        promptable = comp_mods in (["text"], ["vision"])
+        if lp > 0 and promptable and self.comp_encoder is not None and not self.comp_is_custom and cfg.comp_tuned:
             ccfg = MoPEConfig(
                 prompt_len=lp,
                 use_static=True,
@@ -137,9 +189,9 @@ class FusionModel(nn.Module):
         """True when ψ depends on nothing trainable: features can be computed once and cached per dataset."""
         if self.comp_encoder is None or self.spec.train_comp:
             return False
-        if self.comp_is_custom:
+        if self.comp_is_custom or self.comp_prompts is None:
             return not any(p.requires_grad for p in self.comp_encoder.parameters())
-        return self.comp_prompts is None or not self.cfg.comp_tuned
+        return not self.cfg.comp_tuned
 
     def train(self, mode: bool = True) -> "FusionModel":
         super().train(mode)
@@ -156,8 +208,15 @@ class FusionModel(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------------------
     def complementary_inputs(self, batch: Mapping[str, Any]) -> Any:
-        """The batch fields the complementary encoder reads (a dict of text tensors, or the image tensor)."""
-        return _inputs_for(self.comp_kind, batch)
+        """The batch fields the complementary encoder reads (a dict of text / audio / frame tensors, or the image
+        tensor; with several complementary modalities one flat dict of all their fields)."""
+        if len(self.comp_modalities) == 1:
+            return _inputs_for(self.comp_modalities[0], batch)
+        out: dict[str, Any] = {}
+        for m in self.comp_modalities:
+            x = _inputs_for(m, batch)
+            out.update({"image": x} if m == "vision" else x)
+        return out
 
     def complementary_feature(self, batch: Mapping[str, Any]) -> Tensor | None:
         if self.comp_encoder is None:
@@ -169,7 +228,7 @@ class FusionModel(nn.Module):
             return self.comp_encoder(inputs)
         if self.comp_is_blackbox:
             with torch.no_grad():
-                return self.comp_encoder(inputs, None)
+                return self.comp_encoder(inputs)
         prompter = self.comp_prompts.bind(None, _batch_size(inputs)) if self.comp_prompts is not None else None
         return self.comp_encoder(inputs, prompter)
 
@@ -178,7 +237,7 @@ class FusionModel(nn.Module):
         routing, imp = None, None
         feats = []
         if self.main_encoder is not None:
-            inputs = _inputs_for(self.main_kind, batch)
+            inputs = _inputs_for(self.main_modality, batch)
             p = self.main_prompts.bind(psi, _batch_size(inputs)) if self.main_prompts is not None else None
             pooled = self.main_encoder(inputs, p)
             if p is not None:
@@ -266,6 +325,7 @@ __all__ = [
     "FusionConfig",
     "FusionModel",
     "FusionOutput",
+    "MultiComplementary",
     "build_model",
     "predictions",
     "task_loss",

@@ -113,8 +113,22 @@ def _build_bert(cfg: EncoderConfig, *, x0_pool: str = "cls", **_: Any) -> Prompt
     return HFBertAdapter(model, pool=cfg.pool, x0_pool=x0_pool)
 
 
-DEFAULT_X0_POOL = {"timm_vit": "cls", "timm_swin": "mean_all_tokens", "hf_bert": "cls"}
-DEFAULT_ROUTE_BLOCK0 = {"timm_vit": True, "timm_swin": False, "hf_bert": True}
+@register_backbone("hf_wav2vec2")
+def _build_wav2vec2(cfg: EncoderConfig, *, x0_pool: str = "mean_patches", **adapter_kwargs: Any) -> PromptableEncoder:
+    """cfg.kwargs are Wav2Vec2Config overrides, except the adapter options named in ``ADAPTER_OPTIONS`` (group_norm,
+    normalize_waveform, upstream_train_mode, nominal_samples), which go to the adapter. cfg.pool is not used (the
+    feature is always the mean over valid frames)."""
+    from mope.backbones.hf_wav2vec2 import ADAPTER_OPTIONS, HFWav2Vec2Adapter, build_wav2vec2
+
+    overrides = dict(cfg.kwargs)
+    opts = {k: overrides.pop(k) for k in ADAPTER_OPTIONS if k in overrides}
+    opts.update({k: v for k, v in adapter_kwargs.items() if k in ADAPTER_OPTIONS})
+    model = build_wav2vec2(cfg.name, config_overrides=overrides or None, weights=cfg.weights)
+    return HFWav2Vec2Adapter(model, x0_pool=x0_pool, **opts)
+
+
+DEFAULT_X0_POOL = {"timm_vit": "cls", "timm_swin": "mean_all_tokens", "hf_bert": "cls", "hf_wav2vec2": "mean_patches"}
+DEFAULT_ROUTE_BLOCK0 = {"timm_vit": True, "timm_swin": False, "hf_bert": True, "hf_wav2vec2": True}
 
 __all__ = [
     "BlockPrompter",
