@@ -283,8 +283,8 @@ def test_worker_sigkilled_mid_epoch_resumes_and_matches_an_uninterrupted_run(tmp
     assert "FAILED: TrainingDiverged: non-finite loss nan at step 2" in out, out[-4000:]
     client, children = _trial_runs(tmp_path / "runs")
     assert len(children) == 2, [r.info.run_name for r in children]  # the retry reused its run: one child per trial
-    mope = next(r for r in children if r.info.run_name.startswith("mope"))
-    bad = next(r for r in children if r.info.run_name.startswith("vanilla"))
+    mope = next(r for r in children if r.data.tags["harness.arm"] == "mope")
+    bad = next(r for r in children if r.data.tags["harness.arm"] == "vanilla")
     assert mope.info.status == "FINISHED"
     assert bad.info.status == "FAILED" and "at step 2" in bad.data.tags["harness.error"]
     hist = client.get_metric_history(mope.info.run_id, "train/loss")
@@ -293,8 +293,8 @@ def test_worker_sigkilled_mid_epoch_resumes_and_matches_an_uninterrupted_run(tmp
     for m in hist:
         by_step.setdefault(m.step, set()).add(m.value)
     assert all(len(v) == 1 for v in by_step.values()), by_step  # step 4, logged twice, has one value
-    ckpts = sorted(p.name for p in (tmp_path / "runs" / mope.info.run_name / "checkpoints").iterdir())
-    assert ckpts == ["step-3", "step-6"], ckpts
+    (run_dir,) = (tmp_path / "runs" / mope.info.run_name).iterdir()  # <run name>/<config id>
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-3", "step-6"]
 
     # the same MoPE trial, uninterrupted
     clean_spec = tmp_path / "mope_only.yaml"
