@@ -26,7 +26,8 @@ dataset options (--opt key=value, repeatable; values true/false/ints are convert
   mmimdb:   labels_file=PATH  drop_genres=News,Reality-TV,Talk-Show  remove_genres=Adult
   snli_ve:  images_dir=PATH  splits=train,val,test
   mustard:  split_scheme=friends|mope_code  no_audio=false  audio_dir=PATH  sample_rate=16000  frames=0
-            frames_dir=PATH  expect_entries=690  train_count=334
+            frames_dir=PATH  frames_source=auto|video|dir  video_dir=PATH  frame_size=224  expect_entries=690
+            train_count=334
 Bad raw input (missing/undecodable media, missing text, unknown label, malformed line) stops the conversion with
 the file and line/key named (exit code 2); --skip-bad skips such samples and counts them in each split's
 manifest.json. Written samples that deserve a look (text that is not UTF-8 and was decoded as cp1252, a sample id

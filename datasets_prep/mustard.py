@@ -5,6 +5,8 @@ Raw layout (``--src``)::
     sarcasm_data.json                 one JSON object, 690 keys "{1|2}_{n}" in a meaningful order; each value holds
                                       utterance, speaker, context, context_speakers, show, sarcasm (bool)
     utterances_final/{key}.wav        utterance audio (any rate/channels libsndfile reads; override: audio_dir)
+    videos/utterances_final/{key}.mp4 utterance video, as in the release's ``data/`` dir (override: video_dir); read
+                                      only with ``frames=N``
     (optional) frames: {frames_dir}/{key}/*.{png,jpg,bmp} or {frames_dir}/{key}_aligned/*.bmp (OpenFace crops)
 
 The file must be the current release (2019-02-28): exactly 690 entries, each with ``show``. Older releases (no
@@ -24,14 +26,33 @@ Text = ``"{speaker}: {utterance}"`` (context not used by the reference; kept in 
 (``wav``). A missing/undecodable wav is an error (or skipped and counted with ``--skip-bad``); ``no_audio=true``
 builds text-only shards (for the annotation file without media).
 
-Options: ``split_scheme``, ``no_audio`` (false), ``audio_dir``, ``sample_rate`` (16000), ``frames`` (0 = none; N =
-N frames per clip, evenly spaced, last frame repeated when fewer, stored as ``f00.png`` ...), ``frames_dir``,
-``seed`` (0), ``min_shards`` (32), ``expect_entries`` (690; 0 disables the count checks, for small test replicas),
-``train_count`` (334, ``mope_code`` only).
+Frames (``frames=N``, N > 0; the ``"video"`` modality): N frames per clip stored as PNG members ``f00.png``,
+``f01.png``, ... Their source (``frames_source``):
+
+- ``video``: decoded from ``{video_dir}/{key}.mp4`` with PyAV (``pip install av``, the ``video`` extra). Every frame is
+  decoded (presentation order); of the n decoded frames, frame i (0 <= i < N) is number ``floor((2i + 1) n / (2N))``,
+  the middle of the i-th of N equal segments; when n < N the n frames are taken in order and the last is repeated.
+  Each frame is resized so that its shorter side is ``frame_size`` (bicubic) and center-cropped to
+  ``frame_size`` x ``frame_size`` (``frame_size=0``: native size, no resize). A missing or undecodable mp4 (not a
+  video, truncated, no video stream, zero frames) is an error naming file and key, or skipped and counted with
+  ``--skip-bad``.
+- ``dir``: image files already extracted per clip (``{frames_dir}/{key}/`` or OpenFace's ``{key}_aligned/``), sorted by
+  name, picked with the same index rule, stored losslessly at their own size (``frame_size`` is not applied).
+- ``auto`` (default): ``dir`` when ``frames_dir`` is given or its default directory exists, else ``video``.
+
+The manifests and ``dataset.json`` record ``frames``, ``frames_source`` (``"video"``/``"dir"``, null without frames)
+and ``frame_size`` (null unless the frames come from the videos).
+
+Options: ``split_scheme``, ``no_audio`` (false), ``audio_dir`` (``{src}/utterances_final``), ``sample_rate`` (16000),
+``frames`` (0 = none), ``frames_source`` (``auto``), ``video_dir`` (``{src}/videos/utterances_final``),
+``frame_size`` (224), ``frames_dir`` (``{src}/utterances_final/processed``), ``seed`` (0), ``min_shards`` (32),
+``expect_entries`` (690; 0 disables the count checks, for small test replicas), ``train_count`` (334,
+``mope_code`` only).
 """
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -54,10 +75,13 @@ from .writer import (
 )
 
 DATASET = "mustard"
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"  # 2: frames from the mp4s, segment-centre frame rule
 LABELS = ["not_sarcastic", "sarcastic"]
 SCHEMES = ("friends", "mope_code")
 N_ENTRIES, N_TRAIN, N_TEST = 690, 334, 356
+FRAME_SOURCES = ("auto", "video", "dir")
+FRAME_RULE = "floor((2i+1)n/(2N)) of the n frames (segment centres); n < N: all n, then the last repeated"
+VIDEO_FIX = "pass --opt video_dir=PATH, --opt frames=0 (no frames), or --skip-bad to skip and count it"
 
 
 def _to_bool(v) -> bool:
@@ -98,6 +122,98 @@ def _frame_files(frames_dir: Path, key: str) -> list[Path]:
     return []
 
 
+def frame_indices(n: int, frames: int) -> list[int]:
+    """Indices of the ``frames`` frames taken from ``n`` (module docstring): segment centres, or all then the last
+    repeated when ``n < frames``."""
+    if n <= 0 or frames <= 0:
+        return []
+    if n < frames:
+        return [min(i, n - 1) for i in range(frames)]
+    return [((2 * i + 1) * n) // (2 * frames) for i in range(frames)]
+
+
+def _import_av():
+    try:
+        import av
+    except ImportError:
+        raise PrepError(
+            "frames from the MUStARD mp4s need PyAV: `pip install av` (or `pip install -e .[video]`); or pass "
+            "--opt frames=0, or --opt frames_dir=PATH for frames already extracted as images"
+        ) from None
+    return av
+
+
+def _square_png(im, size: int) -> bytes:
+    """Shorter side to ``size`` (bicubic) + center crop to ``size`` x ``size`` (``size=0``: unchanged); PNG bytes."""
+    from PIL import Image
+
+    im = im.convert("RGB")
+    if size:
+        w, h = im.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def load_video_frames(path: Path, frames: int, size: int = 224, key: str = "") -> list[bytes]:
+    """``frames`` PNG frames (module docstring rule) decoded from the video ``path`` with PyAV; :class:`PrepError`
+    (``missing video`` / ``undecodable video`` / ``empty video``) naming the file, the sample and the fix."""
+    av = _import_av()
+    path = Path(path)
+    who = f" (sample {key!r})" if key else ""
+    if not path.is_file():
+        raise PrepError(f"missing video {path}{who}; {VIDEO_FIX}", reason="missing video")
+    errors = (av.error.FFmpegError, OSError, ValueError, EOFError)
+
+    def undecodable(e: BaseException) -> PrepError:
+        return PrepError(f"undecodable video {path}{who} ({type(e).__name__}: {e}); {VIDEO_FIX}",
+                         reason="undecodable video")
+
+    def no_frames() -> PrepError:  # also a video track without samples: the mp4 demuxer drops it
+        return PrepError(f"empty video {path}{who}: no video stream or no decodable frame; {VIDEO_FIX}",
+                         reason="empty video")
+
+    def decode(want: set[int]) -> tuple[int, dict[int, bytes]]:
+        got: dict[int, bytes] = {}
+        n = 0
+        with av.open(str(path)) as c:
+            if not c.streams.video:
+                raise no_frames()
+            st = c.streams.video[0]
+            st.thread_type = "AUTO"
+            for f in c.decode(st):
+                if n in want:
+                    got[n] = _square_png(f.to_image(), size)
+                n += 1
+        return n, got
+
+    try:
+        with av.open(str(path)) as c:  # cheap first guess of the frame count: non-empty packets (no decoding)
+            if not c.streams.video:
+                raise no_frames()
+            guess = sum(1 for p in c.demux(c.streams.video[0]) if p.size)
+        n, got = decode(set(frame_indices(guess, frames)))
+        if n == 0:
+            raise no_frames()
+        picks = frame_indices(n, frames)
+        if not set(picks) <= set(got):  # decoded count != packet count (rare): decode again with the right picks
+            n2, got = decode(set(picks))
+            if n2 != n:
+                raise PrepError(f"undecodable video {path}{who}: {n} then {n2} frames decoded; {VIDEO_FIX}",
+                                reason="undecodable video")
+    except PrepError:
+        raise
+    except errors as e:
+        raise undecodable(e) from None
+    return [got[i] for i in picks]
+
+
 @register_dataset(DATASET)
 def convert(
     src: Path | None,
@@ -111,6 +227,9 @@ def convert(
     sample_rate: int = 16000,
     frames: int = 0,
     frames_dir: str | Path | None = None,
+    frames_source: str = "auto",
+    video_dir: str | Path | None = None,
+    frame_size: int = 224,
     seed: int = 0,
     min_shards: int = 32,
     expect_entries: int = N_ENTRIES,
@@ -120,7 +239,8 @@ def convert(
     if unknown:
         raise PrepError(
             f"mustard: unknown option(s) {sorted(unknown)}; valid: split_scheme, no_audio, audio_dir, "
-            "sample_rate, frames, frames_dir, seed, min_shards, expect_entries, train_count"
+            "sample_rate, frames, frames_source, video_dir, frame_size, frames_dir, seed, min_shards, "
+            "expect_entries, train_count"
         )
     if src is None:
         raise PrepError("mustard needs --src RAW_DIR (with sarcasm_data.json and utterances_final/{key}.wav)")
@@ -138,8 +258,30 @@ def convert(
             f"audio directory {a_dir} not found; pass --opt audio_dir=PATH, or --opt no_audio=true for "
             "text-only shards"
         )
-    if frames and not f_dir.is_dir():
-        raise PrepError(f"frames directory {f_dir} not found; pass --opt frames_dir=PATH or --opt frames=0")
+    v_dir = Path(video_dir) if video_dir is not None else src / "videos" / "utterances_final"
+    frame_size = int(frame_size)
+    if frames < 0 or frame_size < 0:
+        raise PrepError(f"frames ({frames}) and frame_size ({frame_size}) must be >= 0")
+    if frames_source not in FRAME_SOURCES:
+        raise PrepError(f"frames_source must be one of {FRAME_SOURCES}, got {frames_source!r}")
+    source = None
+    if frames:
+        use_dir = frames_source == "dir" or (
+            frames_source == "auto" and (frames_dir is not None or f_dir.is_dir())
+        )
+        source = "dir" if use_dir else "video"
+    if source == "dir" and not f_dir.is_dir():
+        raise PrepError(
+            f"frames directory {f_dir} not found; pass --opt frames_dir=PATH, --opt frames_source=video (frames "
+            "from the mp4s), or --opt frames=0"
+        )
+    if source == "video":
+        _import_av()
+        if not v_dir.is_dir():
+            raise PrepError(
+                f"video directory {v_dir} not found (the release keeps the clips in data/videos/utterances_final); "
+                "pass --opt video_dir=PATH, --opt frames_dir=PATH for extracted frames, or --opt frames=0"
+            )
 
     bad: list[tuple[str, str, str]] = []
     entries: list[dict] = []
@@ -179,12 +321,17 @@ def convert(
 
     modalities = ("text",) + (() if no_audio else ("audio",)) + (("video",) if frames else ())
     media = [] if no_audio else [a_dir / f"{e['key']}.wav" for e in entries]
+    if source == "video":
+        media += [v_dir / f"{e['key']}.mp4" for e in entries]
     checksum = source_fingerprint([ann_path], src, [m for m in media if m.is_relative_to(src)])
     summary: dict = {"dataset": DATASET, "out": str(out), "splits": {}, "skipped": {}, "split_scheme": split_scheme}
     common = {
         "split_scheme": split_scheme,
         "sample_rate": None if no_audio else sample_rate,
         "frames": frames,
+        "frames_source": source,
+        "frame_size": frame_size if source == "video" else None,
+        "frame_rule": FRAME_RULE if frames else None,
         "order": f"shuffled(seed={seed})",
         "text_format": "{speaker}: {utterance}",
     }
@@ -211,14 +358,16 @@ def convert(
                 try:
                     if not no_audio:
                         sample["wav"], dur = load_audio_wav(a_dir / f"{key}.wav", target_sr=sample_rate)
-                    if frames:
+                    if source == "video":
+                        pngs = load_video_frames(v_dir / f"{key}.mp4", frames, frame_size, key)
+                        for i, b in enumerate(pngs):
+                            sample[f"f{i:02d}.png"] = b
+                    elif source == "dir":
                         files = _frame_files(f_dir, key)
                         if not files:
                             raise PrepError(f"no frames for {key} under {f_dir}", reason="missing frames")
-                        n = len(files)
-                        picks = [files[min(n - 1, (i * n) // frames)] for i in range(frames)]
-                        for i, fp in enumerate(picks):
-                            ext, b = load_image(fp)
+                        for i, j in enumerate(frame_indices(len(files), frames)):
+                            ext, b = load_image(files[j])
                             sample[f"f{i:02d}.{ext}"] = b
                 except PrepError as err:
                     bad_from_error(w, skip_bad, err, f"{ann_path.name}[{key!r}]")
@@ -246,6 +395,13 @@ def convert(
         labels=LABELS,
         splits=summary["splits"],
         converter_version=CONVERTER_VERSION,
-        extra={"split_scheme": split_scheme, "val_is_test": True, "modalities": list(modalities)},
+        extra={
+            "split_scheme": split_scheme,
+            "val_is_test": True,
+            "modalities": list(modalities),
+            "frames": frames,
+            "frames_source": source,
+            "frame_size": common["frame_size"],
+        },
     )
     return summary

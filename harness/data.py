@@ -23,7 +23,12 @@ A batch is a dict:
 - ``"label"``: (B,) long (``single_label``) or (B, C) float multi-hot (``multi_label``);
 - ``"key"``: list[str] of sample keys;
 - ``"audio"`` (B, L) float32 waveform at ``audio_sample_rate`` zero-padded, and ``"audio_mask"`` (B, L) long, when
-  the samples carry ``wav``/``flac`` audio (MUStARD).
+  the samples carry ``wav``/``flac`` audio (MUStARD);
+- ``"frames"`` (B, T, 3, H, W) float32, when the samples carry video frames (members ``f00.png``, ``f01.png``, ...,
+  MUStARD with ``--opt frames=T``): each frame transformed exactly as the dataset's image would be in evaluation
+  (same resize/crop to ``image_size`` and normalisation; never random augmentation), in member-index order. Every
+  sample of a batch must have the same T (one shard set does, and ``dataset.json``'s ``frames`` is checked when
+  present); otherwise a ``ValueError`` names the sample key.
 
 Training (full data): a webdataset pipeline per rank. Shards are split by node **explicitly** (``shards[rank::world]``,
 rank and world size are arguments; nothing is read from the environment), then by worker inside the rank
@@ -62,6 +67,7 @@ import json
 import math
 import os
 import random
+import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -97,6 +103,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDAUGMENT = {"mmimdb": (2, 7), "snli_ve": (2, 5)}  # (num_ops, magnitude) for training, as the reference
 SQUARE_RESIZE = ("mmimdb", "snli_ve")  # Resize((256, 256)) (aspect distorted) instead of Resize(256)
+FRAME_RE = re.compile(r"^f(\d+)\.(?:png|jpg|jpeg|webp|bmp)$")  # video frame members written by datasets_prep.mustard
 
 
 @dataclass
@@ -271,6 +278,11 @@ class SampleProcessor:
         self.tokenizer_path = str(cfg.tokenizer) if cfg.tokenizer is not None else default_tokenizer_path()
         _get_tokenizer(self.tokenizer_path)  # load once here: forked workers inherit it (a spawned worker reloads it)
         self.transform = image_transform(cfg, info, train) if "image" in info.modalities else None
+        # frames: the image transform of evaluation (no random augmentation); built lazily when the manifest does not
+        # declare the video modality but a sample has frames
+        self.frame_transform = image_transform(cfg, info, False) if "video" in info.modalities else None
+        n = info.extra.get("frames")
+        self.num_frames = int(n) if isinstance(n, int) and n > 0 else None
         self.multi = info.task == "multi_label"
 
     def __call__(self, s: dict) -> dict:
@@ -313,7 +325,32 @@ class SampleProcessor:
         audio = next((s[e] for e in ("wav", "flac") if e in s), None)
         if audio is not None:
             out["audio"] = self._audio(audio, key)
+        frames = self._frames(s, key)
+        if frames is not None:
+            out["frames"] = frames
         return out
+
+    def _frames(self, s: dict, key: str) -> torch.Tensor | None:
+        """Members ``f00.png``, ``f01.png``, ... -> (T, 3, H, W), or None when the sample has no frames."""
+        from PIL import Image
+
+        found = sorted((int(m.group(1)), e) for e in s if isinstance(e, str) and (m := FRAME_RE.match(e)))
+        if not found:
+            return None
+        idx = [i for i, _ in found]
+        if idx != list(range(len(idx))):
+            raise ValueError(f"sample {key} ({s.get('__url__')}): frame members {[e for _, e in found]} are not "
+                             "f00, f01, ... without gaps; rebuild the shards with `harness prep mustard`")
+        if self.num_frames is not None and len(found) != self.num_frames:
+            raise ValueError(f"sample {key} ({s.get('__url__')}): {len(found)} frames, but dataset.json says "
+                             f"frames={self.num_frames}; rebuild the shards with `harness prep mustard`")
+        if self.frame_transform is None:
+            self.frame_transform = image_transform(self.cfg, self.info, False)
+        out = []
+        for _, e in found:
+            with Image.open(io.BytesIO(s[e])) as im:
+                out.append(self.frame_transform(im.convert("RGB")))
+        return torch.stack(out)
 
     def _audio(self, data: bytes, key: str) -> torch.Tensor:
         import soundfile as sf
@@ -334,7 +371,8 @@ class SampleProcessor:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Processed samples -> batch dict (pads tokens to the longest text, audio to the longest waveform)."""
+    """Processed samples -> batch dict (pads tokens to the longest text, audio to the longest waveform; stacks
+    frames, which must agree in shape)."""
     b: dict[str, Any] = {"key": [s["key"] for s in samples]}
     if "image" in samples[0]:
         b["image"] = torch.stack([s["image"] for s in samples])
@@ -355,6 +393,17 @@ def collate(samples: list[dict]) -> dict:
             a[i, : len(s["audio"])] = s["audio"]
             m[i, : len(s["audio"])] = 1
         b["audio"], b["audio_mask"] = a, m
+    if any("frames" in s for s in samples):
+        ref = next(s for s in samples if "frames" in s)
+        for s in samples:
+            if "frames" not in s:
+                raise ValueError(f"sample {s['key']}: no video frames, but sample {ref['key']} of the same batch has "
+                                 f"{len(ref['frames'])}; every sample of a shard set needs the same frames")
+            if s["frames"].shape != ref["frames"].shape:
+                raise ValueError(f"sample {s['key']}: frames of shape {tuple(s['frames'].shape)}, but sample "
+                                 f"{ref['key']} of the same batch has {tuple(ref['frames'].shape)} (T, 3, H, W); "
+                                 "every sample of a shard set needs the same number of frames")
+        b["frames"] = torch.stack([s["frames"] for s in samples])
     return b
 
 

@@ -1,12 +1,14 @@
 """harness.data: streaming train loader, eval loader and few-shot loader with fake ranks and real worker processes.
 
 Tiny shards are written through datasets_prep.writer in a tmp dir (13 shards of 6 samples + one of 4, 8x8 PNGs).
+MUStARD audio + video frames: shards written by the converter from a synthetic replica (tests/datasets_prep).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +18,9 @@ import torch
 
 from datasets_prep.fewshot import build_fewshot
 from datasets_prep.writer import ShardSetWriter, write_dataset_info
-from harness.data import LoaderConfig, equal_split_indices, make_eval_loader, make_train_loader
+from harness.data import LoaderConfig, collate, equal_split_indices, make_eval_loader, make_train_loader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets_prep"))  # the replica helpers
 
 N_TRAIN, SHARD = 82, 6  # 14 shards, the last one with 4 samples
 N_VAL = 23  # 4 shards of 6 + ... (6, 6, 6, 5)
@@ -87,7 +91,7 @@ def test_batch_format(toy):
     assert b["input_ids"].shape == b["attention_mask"].shape
     assert b["input_ids"][:, 0].eq(101).all()  # [CLS] of the MiniLM tokenizer: tokenised in the loader
     assert b["label"].dtype == torch.long and b["label"].shape == (4,)
-    assert len(b["key"]) == 4 and "audio" not in b
+    assert len(b["key"]) == 4 and "audio" not in b and "frames" not in b
     # the label really is the sample's label, and padding is masked
     for key, y, m in zip(b["key"], b["label"], b["attention_mask"]):
         assert int(key.split("-")[1]) % 3 == int(y)
@@ -204,7 +208,7 @@ def test_fewshot_min_batches_repeats_the_subset_within_an_epoch(toy):
     plain, n1 = make_train_loader(cfg(root, shots=8, batch_size=4), 0, 1)
     assert n1 == 2 and keys_of(plain) == batches[:2]
     # a set that already gives more batches than the minimum is unchanged
-    big, nb = make_train_loader(cfg(root, shots=8, batch_size=2, min_batches_per_epoch=3), 0, 1)
+    _, nb = make_train_loader(cfg(root, shots=8, batch_size=2, min_batches_per_epoch=3), 0, 1)
     assert nb == 4
 
 
@@ -231,3 +235,88 @@ def test_multilabel_and_audio(tmp_path):
     lengths = b["audio_mask"].sum(1).tolist()
     assert sorted(lengths) == sorted(100 + 10 * int(k.split("-")[1]) for k in b["key"])
     assert b["audio"].shape[1] == max(lengths)
+
+
+# ------------------------------------------------------------------------------------------ MUStARD: audio + frames
+@pytest.fixture(scope="module")
+def mustard_shards(tmp_path_factory) -> Path:
+    """converter output of a 12-entry replica: 48x32 clips of 6/7/9 frames -> frames=4 PNGs of 32x32 + 16 kHz wav."""
+    from prep_helpers import make_mustard_replica
+
+    from datasets_prep.mustard import convert
+
+    root = tmp_path_factory.mktemp("mustard")
+    src = make_mustard_replica(root / "raw", n=12, size=(48, 32))
+    convert(src, root / "out", shard_size=100, skip_bad=False, expect_entries=0, frames=4, frame_size=32)
+    return root / "out"
+
+
+def _stored(split_dir: Path) -> dict[str, dict]:
+    from prep_helpers import read_split
+
+    return {s["__key__"]: s for s in read_split(split_dir)}
+
+
+def test_mustard_frames_and_audio_batches(mustard_shards):
+    import soundfile as sf
+    from PIL import Image
+
+    from harness.data import MMBT_MEAN, MMBT_STD, dataset_info, image_transform
+
+    c = cfg(mustard_shards, dataset=None, image_size=24, batch_size=4)  # the "mustard" preset: Resize + CenterCrop
+    batches = list(make_eval_loader(c, "test", 0, 1))
+    assert [len(b["key"]) for b in batches] == [4, 2]
+    b = batches[0]
+    assert b["frames"].shape == (4, 4, 3, 24, 24) and b["frames"].dtype == torch.float32
+    assert "image" not in b and b["label"].shape == (4,)
+    stored = _stored(mustard_shards / "test")
+    tf = image_transform(c, dataset_info(mustard_shards, "test"), train=False)  # the image path's transform
+    for i, key in enumerate(b["key"]):
+        for t in range(4):
+            with Image.open(io.BytesIO(stored[key][f"f{t:02d}.png"])) as im:
+                assert torch.equal(b["frames"][i, t], tf(im.convert("RGB"))), (key, t)
+    # MMBT normalisation: the top-left background pixel de-normalises to the stored grey level
+    mean, std = torch.tensor(MMBT_MEAN), torch.tensor(MMBT_STD)
+    with Image.open(io.BytesIO(stored[b["key"][0]]["f00.png"])) as im:
+        grey = np.asarray(im.convert("RGB"))[0, 0] / 255.0
+    assert torch.allclose(b["frames"][0, 0, :, 0, 0] * std + mean, torch.tensor(grey, dtype=torch.float32),
+                          atol=0.02)
+    # audio as before: the stored 16 kHz wav, zero-padded, with its mask
+    assert b["audio"].dtype == torch.float32 and b["audio_mask"].shape == b["audio"].shape
+    for i, key in enumerate(b["key"]):
+        x, sr = sf.read(io.BytesIO(stored[key]["wav"]), dtype="float32")
+        n = int(b["audio_mask"][i].sum())
+        assert sr == 16000 and n == len(x) and torch.equal(b["audio"][i, :n], torch.from_numpy(x))
+        assert b["audio"][i, n:].abs().sum() == 0
+    assert len({int(m.sum()) for m in b["audio_mask"]}) > 1  # clips of different lengths: padding exercised
+    # training batches carry the same frames (no augmentation for MUStARD; shape as in evaluation)
+    train, _ = make_train_loader(cfg(mustard_shards, dataset=None, image_size=24, batch_size=3), 0, 1)
+    tb = next(iter(train))
+    assert tb["frames"].shape == (3, 4, 3, 24, 24) and "audio" in tb
+
+
+def test_mustard_frame_count_checked(mustard_shards, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(mustard_shards, bad)
+    info = json.loads((bad / "dataset.json").read_text())
+    info["frames"] = 5
+    (bad / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"sample \S+ .*4 frames, but dataset.json says frames=5"):
+        list(make_eval_loader(cfg(bad, dataset=None, image_size=24), "test", 0, 1))
+
+
+def test_collate_frames_must_agree():
+    def smp(key, frames=None):
+        s = {"key": key, "label": 0, "input_ids": [101, 102], "attention_mask": [1, 1], "token_type_ids": [0, 0]}
+        if frames is not None:
+            s["frames"] = torch.zeros(frames, 3, 4, 4)
+        return s
+
+    assert collate([smp("a", 3), smp("b", 3)])["frames"].shape == (2, 3, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"sample b: frames of shape \(2, 3, 4, 4\), but sample a .*\(3, 3, 4, 4\)"):
+        collate([smp("a", 3), smp("b", 2)])
+    with pytest.raises(ValueError, match=r"sample b: no video frames, but sample a"):
+        collate([smp("a", 3), smp("b")])
+    assert "frames" not in collate([smp("a"), smp("b")])

@@ -86,3 +86,165 @@ MUSTARD_REAL = RAW_SAMPLES / "mustard" / "soujanyaporia__MUStARD" / "data" / "sa
 MUSTARD_OLD = RAW_SAMPLES / "mustard" / "soujanyaporia__MUStARD@72fd3eb" / "data" / "sarcasm_data.json"
 FOOD_TITLES_REAL = RAW_SAMPLES / "food101" / "songrise__MoPE" / "data" / "food101" / "text" / "test_titles.csv"
 FOOD_LABELS_REAL = RAW_SAMPLES / "food101" / "songrise__MoPE" / "data" / "food101" / "labels.txt"
+
+
+# ------------------------------------------------------------------------------------------------ MUStARD replicas
+# Synthetic media in the release's raw layout (no real MUStARD media is public, SCHEMA.md):
+#   {root}/utterances_final/{key}.wav          sine, frequency key-dependent (mustard_freq), 22,050 Hz stereo
+#   {root}/videos/utterances_final/{key}.mp4   frame i: grey background of level mustard_grey(i) (encodes the frame
+#                                              index, robust to lossy coding) + a square of colour mustard_colour(key)
+#                                              moving left to right through the middle rows
+#   {root}/utterances_final/processed/{key}/frame_{i:03d}.png  (frames_dir=True) the same frames, lossless
+def _crc(key: str) -> int:
+    import zlib
+
+    return zlib.crc32(str(key).encode())
+
+
+def mustard_freq(key: str) -> float:
+    """Sine frequency (Hz) of the replica wav of ``key``: 200..790 Hz in steps of 10, key-dependent."""
+    return 200.0 + 10.0 * (_crc(key) % 60)
+
+
+def mustard_colour(key: str) -> tuple[int, int, int]:
+    """RGB colour of the moving square in the replica video of ``key`` (saturated, key-dependent)."""
+    palette = [(230, 30, 30), (30, 200, 40), (40, 60, 230), (230, 200, 30), (200, 40, 200), (30, 200, 210)]
+    return palette[_crc(key) % len(palette)]
+
+
+def mustard_grey(i: int) -> int:
+    """Background grey level of frame ``i`` of every replica video (index recoverable mod 21 from the frame)."""
+    return 20 + 10 * (i % 21)
+
+
+def mustard_frame_index(grey: float) -> int:
+    """Inverse of :func:`mustard_grey` (mod 21) for a measured (lossy) background level."""
+    return round((float(grey) - 20) / 10) % 21
+
+
+def mustard_frame(key: str, i: int, size: int | tuple[int, int] = 32) -> np.ndarray:
+    """Frame ``i`` (H, W, 3) uint8 of the replica video of ``key``; ``size`` = side, or (width, height)."""
+    w, h = (size, size) if isinstance(size, int) else size
+    arr = np.full((h, w, 3), mustard_grey(i), dtype=np.uint8)
+    sq = max(2, h // 4)
+    x = (2 * i) % max(1, w - sq)
+    y = (h - sq) // 2
+    arr[y : y + sq, x : x + sq] = mustard_colour(key)
+    return arr
+
+
+def mustard_video_codec() -> str:
+    """libx264 (h264, as the release's mp4s) when the PyAV wheel has the encoder, else mpeg4."""
+    import av
+
+    return "libx264" if "libx264" in av.codecs_available else "mpeg4"
+
+
+def write_mp4(path: Path, frames: list[np.ndarray], fps: int = 10, codec: str | None = None) -> None:
+    """Encode RGB frames (all the same even size) as an mp4 with PyAV (near-lossless settings)."""
+    import av
+
+    codec = codec or mustard_video_codec()
+    h, w = frames[0].shape[:2]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w", format="mp4") as out:
+        opts = {"crf": "4", "preset": "ultrafast"} if codec == "libx264" else {}
+        st = out.add_stream(codec, rate=fps, options=opts)
+        st.width, st.height, st.pix_fmt = w, h, "yuv420p"
+        if codec != "libx264":
+            st.bit_rate = 4_000_000
+        for arr in frames:
+            for pkt in st.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
+                out.mux(pkt)
+        for pkt in st.encode():
+            out.mux(pkt)
+
+
+def write_mustard_media(
+    root: Path,
+    keys,
+    *,
+    wav: bool = True,
+    mp4: bool = True,
+    seconds: float = 0.6,
+    sr: int = 22050,
+    fps: int = 10,
+    size: int | tuple[int, int] = 32,
+    frames_dir: bool | Path = False,
+) -> None:
+    """Write the replica media of ``keys`` (any iterable of keys, e.g. the annotation dict) under ``root`` in the raw
+    layout above: ``round(seconds * fps)`` video frames (at least 1), ``seconds`` of audio. ``frames_dir=True`` also
+    writes the frames as PNG dirs at the converter's default ``frames_dir`` (or under the given path)."""
+    from PIL import Image
+
+    root = Path(root)
+    n_frames = max(1, round(seconds * fps))
+    fdir = root / "utterances_final" / "processed" if frames_dir is True else (Path(frames_dir) if frames_dir else None)
+    for key in keys:
+        if wav:
+            write_wav(root / "utterances_final" / f"{key}.wav", seconds=seconds, sr=sr, freq=mustard_freq(key))
+        if not (mp4 or fdir):
+            continue
+        frames = [mustard_frame(key, i, size) for i in range(n_frames)]
+        if mp4:
+            write_mp4(root / "videos" / "utterances_final" / f"{key}.mp4", frames, fps=fps)
+        if fdir:
+            (fdir / key).mkdir(parents=True, exist_ok=True)
+            for i, arr in enumerate(frames):
+                Image.fromarray(arr).save(fdir / key / f"frame_{i:03d}.png")
+
+
+def mustard_annotations(n: int = 24, seed: int = 0) -> dict[str, dict]:
+    """``n`` entries with the real schema (the 6 keys in the release's order), keys ``"{1|2}_{k}"``: about half
+    FRIENDS (the default split's test set), the rest BBT / GOLDENGIRLS / SARCASMOHOLICS; labels alternate within
+    each show so both splits hold both classes. Text has the release's quirks (mojibake apostrophe, double spaces,
+    newlines in the context)."""
+    import random
+
+    rng = random.Random(seed)
+    others = ["BBT", "GOLDENGIRLS", "SARCASMOHOLICS"]
+    data: dict[str, dict] = {}
+    used: set[int] = set()
+    for i in range(n):
+        show = "FRIENDS" if i % 2 else others[(i // 2) % 3] if i % 6 else "BBT"
+        k = rng.randrange(1, 12332)
+        while k in used:
+            k = rng.randrange(1, 12332)
+        used.add(k)
+        key = f"{1 if show == 'BBT' else 2}_{k}"
+        spk = rng.choice(["SHELDON", "CHANDLER", "PERSON", "DOROTHY", "MODERATOR"])
+        ctx = [f"Context line {j} of {i}." + ("\nsecond line" if j == 0 and i % 3 == 0 else "") for j in range(1 + i % 3)]
+        data[key] = {
+            "utterance": f"Utterance {i}:  I don\u00d5t know{'...' if i % 4 == 0 else '.'}",
+            "speaker": spk,
+            "context": ctx,
+            "context_speakers": [rng.choice(["RAJ", "ROSS", spk]) for _ in ctx],
+            "show": show,
+            "sarcasm": (i // 2) % 2 == 1,
+        }
+    return data
+
+
+def make_mustard_replica(
+    root: Path,
+    n: int = 24,
+    *,
+    mp4: bool = True,
+    wav: bool = True,
+    seed: int = 0,
+    seconds: float = 0.6,
+    fps: int = 10,
+    size: int | tuple[int, int] = 32,
+    frames_dir: bool | Path = False,
+) -> Path:
+    """A complete small MUStARD raw dir at ``root`` (``sarcasm_data.json`` + media), for ``harness prep mustard
+    --src root --opt expect_entries=0``. Clip lengths vary per entry (``seconds`` x 1, 1.25, 1.5) so audio padding
+    is exercised; returns ``root``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    data = mustard_annotations(n, seed)
+    (root / "sarcasm_data.json").write_text(json.dumps(data, indent=4), encoding="utf-8")  # no final newline: real
+    for j, key in enumerate(data):
+        write_mustard_media(root, [key], wav=wav, mp4=mp4, seconds=seconds * (1 + 0.25 * (j % 3)), fps=fps,
+                            size=size, frames_dir=frames_dir)
+    return root

@@ -5,9 +5,24 @@ import json
 import shutil
 from collections import Counter
 
+import numpy as np
 import pytest
 import soundfile as sf
-from prep_helpers import MUSTARD_OLD, MUSTARD_REAL, by_id, read_split, read_split_wds, tree_bytes, write_wav
+from prep_helpers import (
+    MUSTARD_OLD,
+    MUSTARD_REAL,
+    by_id,
+    make_mustard_replica,
+    mustard_colour,
+    mustard_frame,
+    mustard_frame_index,
+    mustard_grey,
+    read_split,
+    read_split_wds,
+    tree_bytes,
+    write_mustard_media,
+    write_wav,
+)
 
 from datasets_prep.mustard import convert
 from datasets_prep.verify import verify
@@ -133,3 +148,176 @@ def test_mustard_old_release_refused(tmp_path):
 def test_mustard_entry_count_asserted(mustard_raw, tmp_path):
     with pytest.raises(PrepError, match="8 entries, expected 690"):
         convert(mustard_raw, tmp_path / "o", shard_size=10, skip_bad=False)
+
+
+# ------------------------------------------------------------------------------------------ frames from the mp4s
+VIDEO = (48, 32)  # width x height of the replica clips: 3:2, so the center crop is exercised
+SHORT = "2_53"  # a test-split clip of 2 frames (< frames=4: the last is repeated)
+
+
+def _keys(src):
+    return list(json.loads((src / "sarcasm_data.json").read_text()))
+
+
+def _with_videos(src, *, frames_dir=False):
+    """20 frames (2 s at 10 fps) per clip, one clip (SHORT) of 2 frames."""
+    keys = _keys(src)
+    write_mustard_media(src, [k for k in keys if k != SHORT], wav=False, seconds=2.0, size=VIDEO,
+                        frames_dir=frames_dir)
+    write_mustard_media(src, [SHORT], wav=False, seconds=0.2, size=VIDEO, frames_dir=frames_dir)
+    return keys
+
+
+def _img(b):
+    from PIL import Image
+
+    with Image.open(io.BytesIO(b)) as im:
+        return im.format, im.size, np.asarray(im.convert("RGB"), dtype=np.float64)
+
+
+def _expected(key, i, side):
+    """Reference frame i of key: the lossless source frame, shorter side -> side (bicubic), center crop."""
+    from PIL import Image
+
+    w, h = VIDEO
+    nw = round(w * side / h)
+    im = Image.fromarray(mustard_frame(key, i, VIDEO)).resize((nw, side), Image.BICUBIC)
+    left = (nw - side) // 2
+    return np.asarray(im.crop((left, 0, left + side, side)), dtype=np.float64)
+
+
+def _frames_of(smp):
+    return [smp[k] for k in sorted(k for k in smp if k.startswith("f") and k[1:3].isdigit())]
+
+
+def test_mustard_frames_from_mp4(mustard_raw, tmp_path):
+    keys = _with_videos(mustard_raw)
+    out = tmp_path / "out"
+    s = convert(mustard_raw, out, shard_size=100, skip_bad=False, expect_entries=0, frames=4, frame_size=16)
+    assert s["splits"] == {"train": 5, "test": 3, "val": 3}
+    got = {**by_id(read_split_wds(out / "train")), **by_id(read_split_wds(out / "test"))}
+    assert sorted(got) == sorted(keys)
+    for key, smp in got.items():
+        assert sorted(k for k in smp if k.startswith("f")) == ["f00.png", "f01.png", "f02.png", "f03.png"]
+        assert "wav" in smp and "txt" in smp
+        # evenly spaced: segment centres floor((2i+1)*20/8) of 20 frames; the 2-frame clip: 0, 1, then 1 repeated
+        want = [0, 1, 1, 1] if key == SHORT else [2, 7, 12, 17]
+        seen = []
+        for i, b in enumerate(_frames_of(smp)):
+            fmt, size, arr = _img(b)
+            assert fmt == "PNG" and size == (16, 16)
+            seen.append(mustard_frame_index(arr[:3, :3].mean()))  # background grey encodes the frame index
+            # the whole frame is the source frame (square position + key colour) resized and center-cropped
+            assert np.abs(arr - _expected(key, want[i], 16)).mean() < 4, (key, i)
+            assert np.abs(arr - _expected(key, want[i] + 1, 16)).mean() > 6  # ... and not its neighbour
+        assert seen == want, key
+    # the square's colour is the key's (frames belong to their own sample)
+    _, _, arr = _img(_frames_of(got[keys[0]])[1])  # source frame 7: square at x 14..22 (inside the crop)
+    assert np.abs(arr[8, 5] - np.array(mustard_colour(keys[0]))).max() < 40
+    m = read_manifest(out / "train")
+    assert m["modalities"] == ["text", "audio", "video"]
+    assert (m["frames"], m["frames_source"], m["frame_size"]) == (4, "video", 16)
+    assert "segment centres" in m["frame_rule"]
+    info = json.loads((out / "dataset.json").read_text())
+    assert (info["frames"], info["frames_source"], info["frame_size"]) == (4, "video", 16)
+    assert verify(out).ok
+    convert(mustard_raw, tmp_path / "again", shard_size=100, skip_bad=False, expect_entries=0, frames=4,
+            frame_size=16)
+    assert tree_bytes(out) == tree_bytes(tmp_path / "again")  # deterministic decode + resize + PNG
+
+
+def test_mustard_frames_default_size_and_no_frames_manifest(mustard_raw, tmp_path):
+    _with_videos(mustard_raw)
+    convert(mustard_raw, tmp_path / "o", shard_size=100, skip_bad=False, expect_entries=0, frames=2)
+    smp = read_split(tmp_path / "o" / "test")[0]
+    assert _img(smp["f01.png"])[1] == (224, 224)  # frame_size default: 224 x 224 (upscaled from 32 px here)
+    convert(mustard_raw, tmp_path / "n", shard_size=100, skip_bad=False, expect_entries=0)
+    m = read_manifest(tmp_path / "n" / "train")
+    assert (m["frames"], m["frames_source"], m["frame_size"], m["modalities"]) == (0, None, None, ["text", "audio"])
+    assert not any(k.startswith("f0") for k in read_split(tmp_path / "n" / "train")[0])
+
+
+def test_mustard_bad_videos(mustard_raw, tmp_path):
+    import av
+
+    _with_videos(mustard_raw)
+    vdir = mustard_raw / "videos" / "utterances_final"
+    (vdir / "1_3.mp4").unlink()  # train
+    data = (vdir / "2_23.mp4").read_bytes()
+    (vdir / "2_23.mp4").write_bytes(data[: len(data) // 2])  # test: truncated (the moov atom is at the end)
+    with av.open(str(vdir / "2_73.mp4"), "w", format="mp4") as o:  # train: a video track without frames
+        st = o.add_stream("mpeg4", rate=10)
+        st.width, st.height, st.pix_fmt = 32, 32, "yuv420p"
+        o.start_encoding()
+    opts = {"shard_size": 100, "expect_entries": 0, "frames": 4, "frame_size": 16}
+    with pytest.raises(PrepError) as e:
+        convert(mustard_raw, tmp_path / "o1", skip_bad=False, **opts)
+    msg = str(e.value)
+    assert "'1_3'" in msg and str(vdir / "1_3.mp4") in msg and "missing video" in msg
+    assert "video_dir" in msg and "frames=0" in msg and "--skip-bad" in msg
+    assert not (tmp_path / "o1" / "train").exists()
+    s = convert(mustard_raw, tmp_path / "o2", skip_bad=True, **opts)
+    assert s["splits"] == {"train": 3, "test": 2, "val": 2} and s["skipped"] == {"train": 2, "test": 1, "val": 1}
+    assert read_manifest(tmp_path / "o2" / "train")["skipped"]["by_reason"] == {"empty video": 1, "missing video": 1}
+    for split in ("test", "val"):
+        sk = read_manifest(tmp_path / "o2" / split)["skipped"]
+        assert sk["by_reason"] == {"undecodable video": 1} and "2_23.mp4" in sk["examples"][0]
+    # with the missing clip back and the empty one fixed, the truncated one is the error, named with its key
+    write_mustard_media(mustard_raw, ["1_3", "2_73"], wav=False, seconds=2.0, size=VIDEO)
+    with pytest.raises(PrepError, match=r"'2_23'.*undecodable video .*2_23\.mp4.*video_dir.*--skip-bad"):
+        convert(mustard_raw, tmp_path / "o3", skip_bad=False, **opts)
+    (vdir / "2_23.mp4").write_bytes(b"this is not a video")
+    with pytest.raises(PrepError, match=r"'2_23'.*undecodable video"):
+        convert(mustard_raw, tmp_path / "o4", skip_bad=False, **opts)
+    # no video dir at all: one clear error up front
+    with pytest.raises(PrepError, match=r"video directory .*nowhere not found.*video_dir=.*frames=0"):
+        convert(mustard_raw, tmp_path / "o5", skip_bad=True, video_dir=tmp_path / "nowhere", **opts)
+
+
+def test_mustard_frames_need_pyav(mustard_raw, tmp_path, monkeypatch):
+    import sys
+
+    _with_videos(mustard_raw)
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError
+    with pytest.raises(PrepError, match=r"pip install av"):
+        convert(mustard_raw, tmp_path / "o", shard_size=100, skip_bad=True, expect_entries=0, frames=4)
+    s = convert(mustard_raw, tmp_path / "o2", shard_size=100, skip_bad=False, expect_entries=0)  # no frames: fine
+    assert s["splits"]["train"] == 5
+
+
+def test_mustard_frames_source_dir_auto_video(mustard_raw, tmp_path):
+    keys = _with_videos(mustard_raw, frames_dir=True)  # PNG dirs at the default frames_dir + the mp4s
+    opts = {"shard_size": 100, "skip_bad": False, "expect_entries": 0, "frames": 4, "frame_size": 16}
+    for source in ("auto", "dir"):  # auto: the frames dir exists -> dir
+        out = tmp_path / source
+        convert(mustard_raw, out, frames_source=source, **opts)
+        m = read_manifest(out / "train")
+        assert (m["frames_source"], m["frame_size"], m["modalities"]) == ("dir", None, ["text", "audio", "video"])
+        smp = by_id(read_split(out / "train"))[keys[0]]
+        fr = [_img(b) for b in _frames_of(smp)]
+        assert [f[1] for f in fr] == [VIDEO] * 4  # stored at their own size, losslessly
+        assert [f[2][0, 0, 0] for f in fr] == [mustard_grey(i) for i in (2, 7, 12, 17)]  # same index rule
+        short = by_id(read_split(out / "test"))[SHORT]
+        assert [_img(b)[2][0, 0, 0] for b in _frames_of(short)] == [mustard_grey(i) for i in (0, 1, 1, 1)]
+    convert(mustard_raw, tmp_path / "video", frames_source="video", **opts)  # both present: video forced
+    m = read_manifest(tmp_path / "video" / "train")
+    assert (m["frames_source"], m["frame_size"]) == ("video", 16)
+    assert _img(read_split(tmp_path / "video" / "train")[0]["f00.png"])[1] == (16, 16)
+    with pytest.raises(PrepError, match=r"frames directory .* not found"):
+        convert(mustard_raw, tmp_path / "x", frames_source="dir", frames_dir=tmp_path / "none", **opts)
+    with pytest.raises(PrepError, match="frames_source must be one of"):
+        convert(mustard_raw, tmp_path / "y", frames_source="mp4", **opts)
+
+
+def test_make_mustard_replica(tmp_path):
+    src = make_mustard_replica(tmp_path / "raw", n=12, size=VIDEO)
+    data = json.loads((src / "sarcasm_data.json").read_text())
+    assert len(data) == 12 and all(
+        list(v) == ["utterance", "speaker", "context", "context_speakers", "show", "sarcasm"] for v in data.values()
+    )
+    assert (src / "videos" / "utterances_final" / f"{next(iter(data))}.mp4").is_file()
+    s = convert(src, tmp_path / "out", shard_size=100, skip_bad=False, expect_entries=0, frames=3, frame_size=8)
+    assert s["splits"] == {"train": 6, "test": 6, "val": 6} and s["skipped"]["train"] == 0
+    for split in ("train", "test"):
+        assert set(read_manifest(tmp_path / "out" / split)["class_histogram"].values()) == {3}
+    assert verify(tmp_path / "out").ok
