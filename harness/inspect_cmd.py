@@ -31,11 +31,17 @@ def inspect_preset(name: str, *, num_classes: int | None = None, materialize: bo
         attn[model.main_modality] = model.main_encoder.attention_lengths(main_np)
     if model.comp_encoder is not None:
         comp_np = model.comp_prompts.cfg.num_prompts if model.comp_prompts is not None else 0
-        attn[model.comp_modality] = model.comp_encoder.attention_lengths(comp_np)
+        encoders = getattr(model.comp_encoder, "encoders", {model.comp_modality: model.comp_encoder})
+        for mod, enc in encoders.items():
+            enc = getattr(enc, "encoder", enc)  # a video FrameEncoder: its per-frame encoder
+            if hasattr(enc, "attention_lengths"):
+                attn[mod] = enc.attention_lengths(comp_np)
     gen = model.main_prompts
     return {
         "preset": name,
         "method": cfg.method.value,
+        "main": model.main_modality,
+        "complementary": model.comp_modalities if model.comp_encoder is not None else [],
         "num_classes": cfg.num_classes,
         "trainable": int(rep["trainable"]),
         "total": int(rep["total"]),
@@ -62,7 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-classes", type=int, default=None, help="override the head size (e.g. 101 for Food-101)")
     args = ap.parse_args(argv)
     if args.list or not args.preset:
-        print("\n".join(list_presets()))
+        import logging
+
+        logging.getLogger("mope").setLevel(logging.ERROR)  # "random-init encoder" notes: counts need no weights
+        for name in list_presets():  # built on the meta device: counts without memory or init cost
+            rep = inspect_preset(name)
+            comp = ",".join(rep["complementary"]) or "-"
+            print(f"{name:<44}{rep['method']:<20}main={rep['main']:<7}comp={comp:<12}"
+                  f"trainable {_fmt(rep['trainable']):>9} of {_fmt(rep['total'])}")
         if args.list:
             return 0
         print("harness inspect: no preset given; pick one of the presets listed above: harness inspect --preset NAME",

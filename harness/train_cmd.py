@@ -80,7 +80,7 @@ def run(cfg: dict[str, Any], *, rank: int = 0, world_size: int = 1, tracker=None
 
 def main(argv: list[str] | None = None) -> int:
     from harness.compose import ConfigValidationError, compose, validate
-    from harness.worker import TrainingDiverged
+    from harness.worker import DataMismatchError, TrainingDiverged
 
     argv = list(argv or [])
     if argv and argv[0] in ("-h", "--help"):
@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingDiverged, CheckpointError, TrackingUnavailable) as e:  # each message names the cause and fix
         print(f"harness train: FAILED: {e}", file=sys.stderr)
         return 1
+    except DataMismatchError as e:
+        print(f"harness train: {e}", file=sys.stderr)
+        return 2
     keys = [k for k in s if k.startswith("final/")]
     print(f"run {cfg['run_name']} ({s.get('run_id')}): " + ", ".join(f"{k[6:]}={s[k]:.4f}" for k in sorted(keys)))
     return 0

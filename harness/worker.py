@@ -116,6 +116,34 @@ def loader_config(cfg: dict[str, Any], shard_dir: Path):
     )
 
 
+class DataMismatchError(ValueError):
+    """The shards do not carry a modality the model reads."""
+
+
+SHARD_MODALITY = {"vision": "image", "text": "text", "audio": "audio", "video": "video"}
+
+
+def check_modalities(fcfg, shard_dir: Path) -> None:
+    """Before any model is built: every modality the method reads must be in the shards (manifest ``modalities``)."""
+    from harness.data import dataset_info
+    from mope.methods import METHODS, reads_complementary
+
+    needed = [fcfg.main] if METHODS[fcfg.method].use_main else []
+    if reads_complementary(fcfg):
+        needed += fcfg.complementary_modalities
+    have = dataset_info(shard_dir).modalities
+    missing = [m for m in needed if SHARD_MODALITY[m] not in have]
+    if missing:
+        hint = {"video": "`harness prep mustard --opt frames=8` writes video frames",
+                "audio": "`harness prep mustard` writes audio unless --opt no_audio=true",
+                "vision": "this dataset has no images: pick model.main / model.complementary among its modalities",
+                "text": "this dataset has no text"}
+        raise DataMismatchError(
+            f"data.shard_dir={shard_dir} carries {list(have)}, but the model reads {missing} (model.main="
+            f"{fcfg.main}, model.complementary={fcfg.complementary_modalities}); "
+            + "; ".join(hint[m] for m in missing) + ", or drop it from model.complementary")
+
+
 # -- feature cache ---------------------------------------------------------------------------------------------------
 class FeatureCache:
     """Per-sample features of a frozen, un-prompted complementary encoder, computed once per (encoder, dataset).
@@ -406,6 +434,7 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     shard_dir = prepare_data(cfg)
     fcfg = fusion_config(cfg)
+    check_modalities(fcfg, shard_dir)
     seed_everything(int(cfg["seed"]))  # identical initial adapter on every rank
     model = build_model(fcfg)
     task = fcfg.task

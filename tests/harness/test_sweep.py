@@ -49,6 +49,17 @@ def test_paper_profile_validates(path):
     assert mm["data"]["name"] == "mmimdb" and mm["data"]["task"] == "multi_label"
 
 
+def test_data_scaling_mustard_profile_is_text_main_with_audio_and_video():
+    spec, trials = plan(str(ROOT / "sweeps" / "data_scaling.yaml"), ["profile=mustard"], check_paths=False)
+    assert len(trials) == 4 * 3 * 3  # shots x {mope, vanilla, promptfuse} x seeds
+    cfg = trials[0]["cfg"]
+    assert cfg["data"]["name"] == "mustard" and cfg["data"]["shots_stratified"] is True
+    assert cfg["model"]["main"] == "text" and cfg["model"]["complementary"] == ["audio", "video"]
+    assert cfg["audio"]["kind"] == "hf_wav2vec2" and cfg["video"]["kind"] == "timm_vit"
+    assert {t["cfg"]["method"]["name"] for t in trials} == {"mope", "vanilla_prompt", "promptfuse"}
+    assert sorted({t["cfg"]["data"]["shots"] or 0 for t in trials}) == [0, 32, 64, 128]
+
+
 def test_expert_vs_length_pairs_each_k():
     spec, trials = plan(str(ROOT / "sweeps/expert_vs_length.yaml"), check_paths=False)
     assert len(trials) == 3 * 2 * 3 and spec.seeds == [0, 1, 2]  # the default profile: k in {8, 4, 2}, 3 seeds

@@ -65,3 +65,32 @@ def test_cli_json_has_integer_trainable():
     bad = subprocess.run([sys.executable, "-m", "harness.cli", "inspect", "--preset", "nope"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "available" in bad.stderr
+
+
+def test_mustard_preset_text_main_audio_video_complementary():
+    rep = inspect_preset("paper/mustard_mope_bert_b_k4")
+    c = rep["components"]
+    assert rep["main"] == "text" and rep["complementary"] == ["audio", "video"] and rep["num_classes"] == 2
+    assert c["audio+video encoder"]["trainable"] == 0 and c["text encoder"]["trainable"] == 0
+    assert c["text prompts"]["trainable"] == 12 * (6 + 4 * 6 + 1) * 768 - 12 * 768  # static + 4 experts per layer
+    # the mapper reads psi = [wav2vec2-base 768, ViT-B 768]: bottleneck 768 by default (complementary dim // 2)
+    assert c["mapper"]["trainable"] > 1536 * 768
+    attn = rep["attention_length_per_layer"]
+    assert attn["text"] == [512 + 13] * 12 and attn["audio"] == [499] * 12 and attn["video"] == [197] * 12
+    assert rep["trainable"] == sum(x["trainable"] for x in c.values())
+
+
+def test_inspect_list_shows_counts_for_every_preset():
+    from harness.inspect_cmd import main
+    from mope.presets import list_presets
+
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(["--list"]) == 0
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == len(list_presets())
+    mustard = next(x for x in lines if x.startswith("paper/mustard_promptfuse_bert_b"))
+    assert "main=text" in mustard and "comp=audio,video" in mustard and "trainable" in mustard
