@@ -113,6 +113,7 @@ def loader_config(cfg: dict[str, Any], shard_dir: Path):
         image_size=d.get("image_size"),
         normalization=norm,
         train_augment=d.get("train_aug", "none") != "none",
+        shuffle_buffer=int(d.get("shuffle_buffer") or 1000),
     )
 
 
