@@ -98,24 +98,28 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 
 class _PromptMasks:
-    """Per-forward cache of the prompt-extended masks, built once per distinct prompt count P."""
+    """Per-forward cache of the prompt-extended masks, built once per distinct prompt count P.
 
-    __slots__ = ("_ext", "_layer", "config", "mask2d")
+    ``prefix`` tokens come before the prompt slots: 1 for BERT ([CLS], prompts, tokens), 0 for wav2vec2 (prompts,
+    frames)."""
 
-    def __init__(self, config: Any, mask2d: Tensor | None) -> None:
+    __slots__ = ("_ext", "_layer", "config", "mask2d", "prefix")
+
+    def __init__(self, config: Any, mask2d: Tensor | None, prefix: int = 1) -> None:
         self.config = config
         self.mask2d = mask2d
+        self.prefix = prefix
         self._ext: dict[int, Tensor | None] = {}
         self._layer: dict[int, Any] = {}
 
     def ext2d(self, num_prompts: int) -> Tensor | None:
-        """(B, 1+P+N-1) padding mask with ones for the prompt slots after [CLS]."""
+        """(B, prefix+P+N-prefix) padding mask with ones for the prompt slots."""
         if self.mask2d is None:
             return None
         if num_prompts not in self._ext:
-            m = self.mask2d
+            m, k = self.mask2d, self.prefix
             ones = m.new_ones(m.shape[0], num_prompts)
-            self._ext[num_prompts] = torch.cat([m[:, :1], ones, m[:, 1:]], dim=1) if num_prompts else m
+            self._ext[num_prompts] = torch.cat([m[:, :k], ones, m[:, k:]], dim=1) if num_prompts else m
         return self._ext[num_prompts]
 
     def layer(self, num_prompts: int, hidden: Tensor) -> Any:

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import X0_POOLS, BlockPrompter, EncoderInputs, EncoderLayout, PromptableEncoder, needs_x0
-from .hf_bert import _call_layer, _layer_attention_mask, _load_state_dict, _masked_mean
+from .hf_bert import _call_layer, _load_state_dict, _masked_mean, _PromptMasks
 
 logger = logging.getLogger(__name__)
 
@@ -110,31 +110,6 @@ def normalize_waveform(audio: Tensor, lengths: Tensor | None) -> Tensor:
     mean = (x * m).sum(dim=-1, keepdim=True) / n
     var = ((x - mean).square() * m).sum(dim=-1, keepdim=True) / n
     return ((x - mean) / torch.sqrt(var + 1e-7) * m).to(audio.dtype)
-
-
-class _PromptMasks:
-    """Per-forward cache of the prompt-extended masks ``[ones(P), frame_mask]``, one per distinct prompt count P."""
-
-    __slots__ = ("_ext", "_layer", "config", "frame_mask")
-
-    def __init__(self, config: Any, frame_mask: Tensor | None) -> None:
-        self.config = config
-        self.frame_mask = frame_mask
-        self._ext: dict[int, Tensor | None] = {}
-        self._layer: dict[int, Any] = {}
-
-    def ext2d(self, num_prompts: int) -> Tensor | None:
-        if self.frame_mask is None:
-            return None
-        if num_prompts not in self._ext:
-            m = self.frame_mask
-            self._ext[num_prompts] = torch.cat([m.new_ones(m.shape[0], num_prompts), m], 1) if num_prompts else m
-        return self._ext[num_prompts]
-
-    def layer(self, num_prompts: int, hidden: Tensor) -> Any:
-        if num_prompts not in self._layer:
-            self._layer[num_prompts] = _layer_attention_mask(self.config, hidden, self.ext2d(num_prompts))
-        return self._layer[num_prompts]
 
 
 class HFWav2Vec2Adapter(PromptableEncoder):
@@ -271,9 +246,9 @@ class HFWav2Vec2Adapter(PromptableEncoder):
 
     def _x0(self, h: Tensor, num_prompts: int, masks: _PromptMasks) -> Tensor:
         if self.x0_pool == "mean_all_tokens":
-            return h.mean(dim=1) if masks.frame_mask is None else _masked_mean(h, masks.ext2d(num_prompts))
+            return h.mean(dim=1) if masks.mask2d is None else _masked_mean(h, masks.ext2d(num_prompts))
         frames = h[:, num_prompts:]
-        return frames.mean(dim=1) if masks.frame_mask is None else _masked_mean(frames, masks.frame_mask)
+        return frames.mean(dim=1) if masks.mask2d is None else _masked_mean(frames, masks.mask2d)
 
     @staticmethod
     def insert_prompts(h: Tensor, prompts: Tensor, num_current: int) -> Tensor:
@@ -303,7 +278,7 @@ class HFWav2Vec2Adapter(PromptableEncoder):
         )
         with torch.no_grad() if frozen else contextlib.nullcontext():  # no autograd graph over the conv stack
             h, frame_mask = self._frontend(audio, lengths)
-        masks = _PromptMasks(self.model.config, frame_mask)
+        masks = _PromptMasks(self.model.config, frame_mask, prefix=0)
         num_prompts = 0
         for i, layer in enumerate(self.model.encoder.layers):
             if prompter is not None:
