@@ -19,7 +19,7 @@ Design (``shared/docs/architecture.md`` §5, §7 and pitfalls 8–10):
   is resumed) and :class:`TrackingUnavailable` names the store, the count and the file: never silently missing.
 
 The default store is a local SQLite file (``sqlite:///<run_dir>/mlflow.db``) with artifacts in ``<run_dir>/mlartifacts``;
-``mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db`` shows runs and artifacts. ``MLFLOW_TRACKING_URI``
+``mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///<run_dir>/mlflow.db`` shows runs and artifacts. ``MLFLOW_TRACKING_URI``
 overrides it (a tracking server for clusters: a SQLite file on a shared FS is not safe for many writers).
 """
 

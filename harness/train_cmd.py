@@ -4,7 +4,7 @@
     harness train experiment=demo_mope mope.num_experts=16 seed=1
     harness train experiment=demo_mope resume=true        # continue from the last checkpoint of the same run
 
-The tracking store defaults to SQLite under the run root (`mlflow ui --backend-store-uri sqlite:///<run_root>/mlflow.db`);
+The tracking store defaults to SQLite under the run root (`mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///<run_root>/mlflow.db`);
 set MLFLOW_TRACKING_URI or tracking.uri for a server.
 """
 

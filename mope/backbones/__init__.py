@@ -3,6 +3,8 @@
 timm models are built with ``pretrained=False`` from their architecture name (+ kwargs); pretrained weights come from a
 local safetensors file (or a directory holding ``model.safetensors``). BERT models come from a local directory, the
 offline MiniLM package (``minilm``), or a random-init architecture (``bert-base-uncased`` -> BertConfig defaults).
+Wav2Vec2 audio encoders (``hf_wav2vec2``) likewise: a local directory, or the base architecture with random weights.
+A video modality wraps a vision adapter in :class:`mope.backbones.frames.FrameEncoder` (per frame, pooled over frames).
 """
 
 from __future__ import annotations
