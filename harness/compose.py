@@ -264,7 +264,11 @@ def validate(cfg: dict[str, Any], *, check_paths: bool = True) -> FusionConfig:
                 f"data.shard_dir={shard_dir} does not exist: run `harness prep {cfg['data']['name']} --src RAW "
                 f"--out {shard_dir}` or set data.shard_dir / MOPE_DATA_ROOT"
             )
-        for side in ("vision", "text"):
+        from mope.methods import METHODS, reads_complementary
+
+        used = ([fcfg.main] if METHODS[fcfg.method].use_main else []) + (
+            fcfg.complementary_modalities if reads_complementary(fcfg) else [])
+        for side in (m for m in ("vision", "text", "audio", "video") if m in used):  # an unused encoder is never built
             w = cfg[side].get("weights")
             auto = cfg["data"].get("auto_prepare") and str(w or "").startswith(str(shard_dir))
             if w and not Path(w).exists() and not auto:

@@ -46,3 +46,18 @@ def test_missing_shards_name_the_fix(tmp_path):
     cfg = compose(["experiment=paper_snli_ve_mope_swin_b_k4", f"paths.data_root={tmp_path}"])
     with pytest.raises(ConfigValidationError, match="harness prep snli_ve"):
         validate(cfg)
+
+
+def test_weights_are_checked_only_for_the_encoders_the_model_builds(tmp_path):
+    from harness.compose import ConfigValidationError, compose, validate
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    missing = str(tmp_path / "nowhere")
+    # MUStARD: text main + audio/video complementary: the vision encoder is never built, its weights are not read
+    validate(compose(["experiment=mustard_tiny_mope", f"data.shard_dir={shards}", f"vision.weights={missing}"]))
+    with pytest.raises(ConfigValidationError, match=r"video\.weights=.*nowhere does not exist"):
+        validate(compose(["experiment=mustard_tiny_mope", f"data.shard_dir={shards}", f"video.weights={missing}"]))
+    with pytest.raises(ConfigValidationError, match=r"vision\.weights=.*nowhere does not exist"):
+        validate(compose(["experiment=demo_mope", f"data.shard_dir={shards}", "data.auto_prepare=false",
+                          f"vision.weights={missing}"]))
