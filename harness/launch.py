@@ -200,7 +200,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     try:
         summary = run(cfg, rank=0, world_size=1, tracker=tracker, report=report)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or Ray stopping the trial (SystemExit 0): not a failure
         tracker.finish("KILLED")
         raise
     except BaseException as e:
@@ -269,7 +269,7 @@ def _run_torchtrainer(config: dict[str, Any], cfg: dict[str, Any]) -> None:
     )
     try:
         trainer.fit()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or Ray stopping the trial (SystemExit 0): not a failure
         tracker.finish("KILLED")
         raise
     except BaseException as e:

@@ -40,6 +40,7 @@ RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 TRIAL_KEY_TAG = "harness.trial_key"
 PARENT_RUN_TAG = "mlflow.parentRunId"
+ERROR_TAG = "harness.error"  # why a run FAILED (set by harness.launch / harness.train_cmd)
 DB_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 
@@ -368,6 +369,8 @@ class MLflowTracker:
             if params is not None:
                 tracker._verify_and_complete_params(flatten_config(params), run.data.params)
             client.update_run(run.info.run_id, status="RUNNING")
+            if ERROR_TAG in run.data.tags:  # the previous attempt's error no longer describes this run
+                client.delete_tag(run.info.run_id, ERROR_TAG)
             tracker.set_tags(all_tags)
             log.info("resumed MLflow run %s (trial %s)", run.info.run_id, trial_key)
         else:

@@ -337,3 +337,34 @@ def test_deterministic_trial_failure_fails_fast_with_its_cause(small_demo, tmp_p
                r.data.tags.get("mlflow.runName", ""))
     assert bad.info.status == "FAILED" and "min_steps_per_epoch" in bad.data.tags["harness.error"]
     assert sum(r.info.status == "FINISHED" for r in children) == 1
+
+
+@pytest.mark.parametrize("stop", [SystemExit(0), KeyboardInterrupt()], ids=["ray_stops_trial", "ctrl_c"])
+def test_a_trial_stopped_by_ray_or_ctrl_c_is_killed_not_failed(monkeypatch, stop):
+    """Ray stops a trial's actor with SystemExit(0) when the sweep is interrupted: its child run is KILLED (resumable)
+    without a harness.error tag, not FAILED with 'SystemExit: 0' (seen on an interrupted data_scaling sweep)."""
+    import harness.launch as launch
+    import harness.train_cmd as train_cmd
+
+    seen: dict = {}
+
+    class Tracker:
+        def set_tags(self, tags):
+            seen.setdefault("tags", []).append(tags)
+
+        def finish(self, status):
+            seen["status"] = status
+
+    def interrupted(*a, **kw):
+        raise stop
+
+    monkeypatch.setattr(train_cmd, "open_tracker", lambda *a, **kw: Tracker())
+    monkeypatch.setattr(train_cmd, "run", interrupted)
+    monkeypatch.setattr(launch, "finished_child_metrics", lambda cfg, key: None)
+    trial = {"cfg": {"trainer": {"epochs": 2}}, "trial_key": "s/p/0", "sweep_id": "s", "point_id": "p", "seed": 0,
+             "arm": "mope", "label": "mope", "values": {}}
+    config = {"trial": trial, "objective": {"metric": "objective"}, "resources": {"workers": 1},
+              "parent_run_id": "parent", "spec_hash": "h"}
+    with pytest.raises(type(stop)):
+        launch.run_trial(config)
+    assert seen == {"status": "KILLED"}

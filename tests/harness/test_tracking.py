@@ -182,3 +182,13 @@ def test_make_tracker_rank_zero_only(uri):
     assert isinstance(make_tracker(0, **{**kw, "tracking_uri": None}), NoopTracker)
     t0 = make_tracker(0, **kw)
     assert isinstance(t0, MLflowTracker) and t0.run_id
+
+
+def test_resume_clears_the_previous_attempts_error(uri):
+    t = MLflowTracker.open(uri, "exp-err", "run", "k/err")
+    t.set_tags({"harness.error": "RuntimeError: worker died"})
+    t.finish("FAILED")
+    again = MLflowTracker.open(uri, "exp-err", "run", "k/err")
+    assert again.run_id == t.run_id
+    run = again.client.get_run(again.run_id)
+    assert run.info.status == "RUNNING" and "harness.error" not in run.data.tags
