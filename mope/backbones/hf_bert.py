@@ -128,6 +128,22 @@ class _PromptMasks:
         return self._layer[num_prompts]
 
 
+def run_prompted_layers(layers: Any, h: Tensor, masks: _PromptMasks, prompter: BlockPrompter | None,
+                        x0: Any, insert: Any) -> tuple[Tensor, int]:
+    """VPT-deep over a stack of HF Transformer layers: before layer i the prompter's tokens (from the pooled block
+    input ``x0(h, P, masks)``, computed only when it is read) replace the current P prompt slots (``insert``);
+    returns the last hidden states (prompt slots still in) and their prompt count. Shared by BERT and wav2vec2."""
+    num_prompts = 0
+    for i, layer in enumerate(layers):
+        if prompter is not None:
+            p = prompter(i, x0(h, num_prompts, masks) if needs_x0(prompter, i) else h[:, 0])
+            if p is not None:
+                h = insert(h, p, num_prompts)
+                num_prompts = p.shape[1]
+        h = _call_layer(layer, h, masks.layer(num_prompts, h))
+    return h, num_prompts
+
+
 class HFBertAdapter(PromptableEncoder):
     """Deep/shallow prompt tuning of a frozen HF ``BertModel`` without forking it.
 
@@ -210,14 +226,7 @@ class HFBertAdapter(PromptableEncoder):
         if attention_mask is not None:
             attention_mask = attention_mask.to(h.device)
         masks = _PromptMasks(self.model.config, attention_mask)
-        num_prompts = 0
-        for i, layer in enumerate(self.model.encoder.layer):
-            if prompter is not None:
-                p = prompter(i, self._x0(h, num_prompts, masks) if needs_x0(prompter, i) else h[:, 0])
-                if p is not None:
-                    h = self.insert_prompts(h, p, num_prompts)
-                    num_prompts = p.shape[1]
-            h = _call_layer(layer, h, masks.layer(num_prompts, h))
+        h, num_prompts = run_prompted_layers(self.model.encoder.layer, h, masks, prompter, self._x0, self.insert_prompts)
         return self.strip_prompts(h, num_prompts), attention_mask
 
     def forward(self, inputs: EncoderInputs, prompter: BlockPrompter | None = None) -> Tensor:

@@ -41,13 +41,12 @@ import contextlib
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .base import X0_POOLS, BlockPrompter, EncoderInputs, EncoderLayout, PromptableEncoder, needs_x0
-from .hf_bert import _call_layer, _load_state_dict, _masked_mean, _PromptMasks
+from .base import X0_POOLS, BlockPrompter, EncoderInputs, EncoderLayout, PromptableEncoder
+from .hf_bert import _load_state_dict, _masked_mean, _PromptMasks, run_prompted_layers
 
 logger = logging.getLogger(__name__)
 
@@ -279,14 +278,8 @@ class HFWav2Vec2Adapter(PromptableEncoder):
         with torch.no_grad() if frozen else contextlib.nullcontext():  # no autograd graph over the conv stack
             h, frame_mask = self._frontend(audio, lengths)
         masks = _PromptMasks(self.model.config, frame_mask, prefix=0)
-        num_prompts = 0
-        for i, layer in enumerate(self.model.encoder.layers):
-            if prompter is not None:
-                p = prompter(i, self._x0(h, num_prompts, masks) if needs_x0(prompter, i) else h[:, 0])
-                if p is not None:
-                    h = self.insert_prompts(h, p, num_prompts)
-                    num_prompts = p.shape[1]
-            h = _call_layer(layer, h, masks.layer(num_prompts, h))
+        h, num_prompts = run_prompted_layers(self.model.encoder.layers, h, masks, prompter, self._x0,
+                                             self.insert_prompts)
         h = h[:, num_prompts:]
         if self.stable_layer_norm:
             h = self.model.encoder.layer_norm(h)
