@@ -303,6 +303,7 @@ class MLflowTracker:
         self._down_since: float | None = None
         self._next_try = 0.0
         self._backoff = 1.0
+        self._gave_up = False
 
     @property
     def run_id(self) -> str:
@@ -457,6 +458,7 @@ class MLflowTracker:
                 self.client.log_batch(self._run_id, synchronous=True, **{kind: chunk})
             except Exception as e:
                 if not is_transient_store_error(e):
+                    self._pending.pop(0)  # a rejected request is dropped (and raised), not retried forever
                     raise
                 self._store_down(e)
                 return False
@@ -483,9 +485,12 @@ class MLflowTracker:
             TrackingUnavailable: the store stayed unavailable; the buffered metrics were written to
                 :attr:`spill_path` (when set) and the message names the store, the run, the count and the file.
         """
+        if self._gave_up:  # the budget is spent (e.g. finish("FAILED") after a TrackingUnavailable): one try
+            timeout_s, self._next_try = 0.0, 0.0
         deadline = time.monotonic() + (self.retry_s if timeout_s is None else timeout_s)
         while not self.try_flush():
             if time.monotonic() >= deadline:
+                self._gave_up = True
                 raise TrackingUnavailable(self._give_up_message())
             time.sleep(max(0.05, min(self._next_try, deadline) - time.monotonic()))
 
@@ -542,7 +547,8 @@ class MLflowTracker:
             except Exception as e:
                 if not is_transient_store_error(e):
                     raise
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline or self._gave_up:
+                    self._gave_up = True
                     raise TrackingUnavailable(self._give_up_message()) from e
                 self._store_down(e)
                 time.sleep(max(0.05, min(self._next_try, deadline) - time.monotonic()))

@@ -129,6 +129,10 @@ def test_store_that_never_comes_back_fails_clearly_and_keeps_the_metrics(tmp_pat
     assert outage.failed_calls == 1 and len(tracker.pending_metrics()) == 5
     with pytest.raises(TrackingUnavailable) as ei:
         tracker.finish("FINISHED")
+    t1 = time.monotonic()
+    with pytest.raises(TrackingUnavailable):  # the error path's finish("FAILED") does not wait a second budget
+        tracker.finish("FAILED")
+    assert time.monotonic() - t1 < 0.5
     msg = str(ei.value)
     assert uri in msg and tracker.run_id in msg and "5 metric values" in msg and str(tracker.spill_path) in msg
     assert "HARNESS_MLFLOW_RETRY_S" in msg and "re-run the same command" in msg
@@ -162,9 +166,13 @@ def test_a_non_transient_store_error_is_not_swallowed(tmp_path, offline):
         def log_batch(self, *a, **kw):
             raise MlflowException("Invalid value nan for metric", error_code=INVALID_PARAMETER_VALUE)
 
-    tracker.client = Rejecting(tracker.client)
+    real = tracker.client
+    tracker.client = Rejecting(real)
     with pytest.raises(MlflowException, match="Invalid value"):
         tracker.log_metrics({"x": 1.0}, step=1)
+    tracker.client = real  # the rejected request is not retried with every later call
+    tracker.log_metrics({"y": 2.0}, step=2)
+    assert tracker.pending_metrics() == [] and "y" in real.get_run(tracker.run_id).data.metrics
 
 
 def test_crash_while_metrics_are_buffered_loses_nothing_on_resume(small_demo, tmp_path, offline):
