@@ -132,6 +132,8 @@ def paper_tables(data: SweepData, metric: str) -> list[Table]:
                              for m, k in zip(runs["method.name"], runs.get("mope.num_experts", [None] * len(runs)))])
         for vals, g in groups(t1, ["method.name", "_k"]):
             meth, k = vals["method.name"], vals["_k"]
+            if is_missing(meth):  # a child run killed before its params were logged: nothing to tabulate
+                continue
             vis = next(iter(g.get("vision.name", pd.Series(dtype=object)).dropna()), None)
             prow = paper.table1_row(meth, k, vis)
             p = paper.TABLE1.get(prow, ("–", "–", "–", "–"))
