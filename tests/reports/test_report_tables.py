@@ -203,3 +203,14 @@ def test_claims_json_matches_the_report(tmp_path):
     row = saved[0]["rows"][0]["diff"]  # the deciding difference, with both intervals
     assert row["paired"] and row["n"] == 3 and row["ci_lo"] > 0
     assert row["bootstrap_lo"] >= row["ci_lo"]  # at n=3 the t interval is the wider, conservative one
+
+
+def test_table1_skips_a_run_killed_before_its_params_were_logged(tmp_path):
+    """Seen on an interrupted data_scaling sweep: a child run KILLED right after creation has no params (method.name
+    missing); Table 1 is built from the others instead of failing with a TypeError."""
+    rows = [_run(i, seed, arm=meth, **{"method.name": meth, "mope.num_experts": 4, "final/test_acc": 0.6})
+            for i, meth in enumerate(("mope", "vanilla_prompt", "sequential_fuse")) for seed in range(2)]
+    rows.append(_run(9, 2, status="KILLED", arm="vanilla", **{"method.name": None}))
+    rep = build_report(_data(rows, {}, name="data_scaling"), tmp_path)
+    t1 = next(t for t in rep.tables if t.key == "table1")
+    assert [r[0] for r in t1.rows] == ["mope (k=4)", "vanilla_prompt (k=4)", "sequential_fuse"]
