@@ -228,6 +228,17 @@ def backbone_name(row: pd.Series, part: str) -> str:
     return name.rstrip("/").rsplit("/", 1)[-1]
 
 
+def backbones_label(runs: pd.DataFrame, part: str) -> str:
+    """The encoders of ``part`` across the runs ("timm_vit", "a/b"); a run whose params were never logged (killed
+    before its start) adds nothing rather than a "?"."""
+    names = {backbone_name(r, part) for _, r in runs.iterrows()}
+    return "/".join(sorted(names - {"?"})) or "?"
+
+
+def datasets_label(runs: pd.DataFrame) -> str:
+    return "/".join(sorted({str(v) for v in runs.get("data.name", pd.Series(dtype=object)).dropna()})) or "?"
+
+
 def fmt_value(v: Any) -> str:
     if is_missing(v):
         return "–"
@@ -257,7 +268,9 @@ __all__ = [
     "aggregate",
     "attended_prompts",
     "backbone_name",
+    "backbones_label",
     "by_seed",
+    "datasets_label",
     "fmt_mean_std",
     "fmt_value",
     "groups",

@@ -18,7 +18,17 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from reports.claims import importance_matrix
-from reports.data import SweepData, add_derived, aggregate, backbone_name, fmt_value, groups, is_missing, metric_label
+from reports.data import (
+    SweepData,
+    add_derived,
+    aggregate,
+    backbones_label,
+    datasets_label,
+    fmt_value,
+    groups,
+    is_missing,
+    metric_label,
+)
 from reports.stats import cv
 
 COLORS = {"mope": "#1f6fb4", "vanilla_prompt": "#d95f02", "sequential_fuse": "#2a9d55", "p_sequential_fuse": "#7b3294",
@@ -69,10 +79,7 @@ def build_figures(data: SweepData, metric: str) -> list[Figure | Skipped]:
 
 def _setting(runs: pd.DataFrame) -> str:
     """'timm_vit demo/vision_encoder + minilm on demo' from the runs' configs."""
-    def one(part: str) -> str:
-        return "/".join(sorted({backbone_name(r, part) for _, r in runs.iterrows()})) or "?"
-    data = "/".join(sorted({str(v) for v in runs.get("data.name", pd.Series(dtype=object)).dropna()})) or "?"
-    return f"{one('vision')} + {one('text')} on {data}"
+    return f"{backbones_label(runs, 'vision')} + {backbones_label(runs, 'text')} on {datasets_label(runs)}"
 
 
 def _errorbar(ax, agg: pd.DataFrame, x: str, color: str, label: str, marker: str = "o", ls: str = "-") -> None:

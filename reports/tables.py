@@ -17,8 +17,9 @@ from reports.data import (
     SweepData,
     add_derived,
     aggregate,
-    backbone_name,
+    backbones_label,
     by_seed,
+    datasets_label,
     fmt_mean_std,
     fmt_value,
     groups,
@@ -107,9 +108,7 @@ def pairs_table(data: SweepData, metric: str) -> Table | None:
 
 
 def _ours_header(runs: pd.DataFrame, metric: str) -> str:
-    ds = "/".join(sorted({str(v) for v in runs.get("data.name", pd.Series(dtype=object)).dropna()})) or "?"
-    vis = "/".join(sorted({backbone_name(r, "vision") for _, r in runs.iterrows()})) or "?"
-    return f"ours: {ds}, {metric_label(metric)} ({vis} backbone)"
+    return f"ours: {datasets_label(runs)}, {metric_label(metric)} ({backbones_label(runs, 'vision')} backbone)"
 
 
 def _paper_cols() -> list[str]:

@@ -258,6 +258,7 @@ def test_sweep_killed_midway_resumes_without_rerun_or_duplicates(small_demo, tmp
     assert {p: p.stat().st_mtime for p in first_dir.rglob("*") if p.is_file()} == ckpt_mtimes
 
 
+@pytest.mark.slow  # ~55-75 s on 2 cores (CI's machine ~2x that): run with -m slow
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_two_worker_torchtrainer_trial_trains_on_disjoint_data(small_demo, tmp_path):

@@ -270,6 +270,7 @@ def _trial_runs(run_root: Path):
     return client, [r for r in runs if r.data.tags.get("harness.role") == "trial"]
 
 
+@pytest.mark.slow  # ~55-75 s on 2 cores (CI's machine ~2x that): run with -m slow
 @pytest.mark.ray
 @pytest.mark.timeout(1200)
 def test_worker_sigkilled_mid_epoch_resumes_and_matches_an_uninterrupted_run(tmp_path):

@@ -214,3 +214,17 @@ def test_table1_skips_a_run_killed_before_its_params_were_logged(tmp_path):
     rep = build_report(_data(rows, {}, name="data_scaling"), tmp_path)
     t1 = next(t for t in rep.tables if t.key == "table1")
     assert [r[0] for r in t1.rows] == ["mope (k=4)", "vanilla_prompt (k=4)", "sequential_fuse"]
+
+
+def test_encoder_label_ignores_a_run_without_params():
+    """Fig. 5's title read '?/demo/vision_encoder + ?/minilm' on that sweep: the killed run's missing params must not
+    add a '?' to the label of the runs that have them (a label of nothing known is still '?')."""
+    from reports.data import backbones_label, datasets_label
+
+    known = {"vision.name": "auto", "vision.weights": "/x/data/demo/vision_encoder", "text.name": "/opt/m/minilm"}
+    runs = pd.DataFrame([_run(0, 0, **known), _run(1, 1, **known),
+                         _run(2, 2, status="KILLED", **{"vision.name": None, "text.name": None, "data.name": None})])
+    assert backbones_label(runs, "vision") == "demo/vision_encoder"
+    assert backbones_label(runs, "text") == "minilm"
+    assert datasets_label(runs) == "demo"
+    assert backbones_label(runs.iloc[2:], "vision") == "?"
