@@ -138,6 +138,7 @@ def fig4(runs: pd.DataFrame, metric: str) -> Figure | Skipped:
         ax.plot([c, c], [ys.min(), ys.max()], color="#999999", lw=0.8, ls=":", zorder=0)
     for a_ in axes:
         a_.set_xscale("log", base=2)
+        a_.margins(x=0.1)  # room for the k=/L= labels of the last point
         xs = sorted(set(agg["tunable_prompts"]))
         a_.set_xticks(xs, [f"{x:g}" for x in xs])
         a_.minorticks_off()
