@@ -14,14 +14,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -36,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from harness.compose import compose, fusion_config
-    from harness.data import make_train_loader
+    from mope_data import make_train_loader
     from harness.worker import FeatureCache, loader_config, prepare_data
     from mope import build_model, task_loss
 

@@ -29,8 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _REPO)
 
 
 def _cpu_s() -> float:
@@ -44,7 +42,7 @@ def measure(data: str, *, workers: int, batch: int, epochs: int, shuffle_buffer:
             extra: dict | None = None) -> dict:
     import torch
 
-    from harness.data import LoaderConfig, make_train_loader
+    from mope_data import LoaderConfig, make_train_loader
 
     kw = {} if shuffle_buffer is None else {"shuffle_buffer": shuffle_buffer}
     cfg = LoaderConfig(data_dir=data, batch_size=batch, num_workers=workers, seed=0, **kw)
@@ -97,10 +95,8 @@ def measure(data: str, *, workers: int, batch: int, epochs: int, shuffle_buffer:
 
 
 def mustard_replica(a) -> int:
-    sys.path.insert(0, os.path.join(_REPO, "tests", "datasets_prep"))
-    from prep_helpers import make_mustard_replica
-
     from datasets_prep.mustard import convert
+    from datasets_prep.replica import make_mustard_replica
 
     side = int(a.replica_size)
     with tempfile.TemporaryDirectory(prefix="bench-mustard-") as tmp:

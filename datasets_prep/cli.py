@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .registry import get_converter, list_datasets
-from .writer import PrepError
+from mope_data.format import ShardFormatError
 
 DATASET_OPTIONS = """\
 dataset options (--opt key=value, repeatable; values true/false/ints are converted):
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             skip_bad=args.skip_bad,
             **options,
         )
-    except PrepError as e:
+    except ShardFormatError as e:  # PrepError included
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. --out not writable, disk full

@@ -14,8 +14,8 @@ Here the subsets are deterministic, seeded and **nested**, and saved as index ma
 
 Files: ``SPLIT_DIR/fewshot/seed-<s>/shots-<n>.json`` (uniform) or ``SPLIT_DIR/fewshot/stratified-seed-<s>/shots-<n>.json``
 (see :func:`fewshot_path`), each ``{"dataset", "split", "task", "strategy", "seed", "shots", "keys" (selection order),
-"class_histogram", "num_split_samples", "split_manifest_sha256"}``. The loader (:mod:`harness.data`) reads the keys and
-loads those samples into memory.
+"class_histogram", "num_split_samples", "split_manifest_sha256"}``. The loader (:mod:`mope_data.loaders`) reads the keys
+(:func:`mope_data.format.read_fewshot`) and loads those samples into memory.
 
 CLI hook: ``harness prep --fewshot SHARD_DIR --shots 100,1000 --seed 0 [--stratified] [--split train]``
 (:func:`fewshot_main`); ``SHARD_DIR`` is a dataset directory (holding ``train/``) or a split directory.
@@ -28,11 +28,19 @@ import hashlib
 import json
 import os
 import sys
-import tarfile
 from collections import Counter
 from pathlib import Path
 
-from datasets_prep.writer import PrepError, read_manifest, sha256_file
+from datasets_prep.writer import PrepError
+from mope_data.format import (
+    MANIFEST,
+    ShardFormatError,
+    fewshot_path,
+    read_fewshot,
+    read_manifest,
+    read_split_index,
+    sha256_file,
+)
 
 __all__ = [
     "build_fewshot",
@@ -46,37 +54,6 @@ __all__ = [
 
 def _rank(seed: int, item: str) -> str:
     return hashlib.sha256(f"{seed}:{item}".encode()).hexdigest()
-
-
-def read_split_index(split_dir: Path) -> list[tuple[str, int | list[int]]]:
-    """``[(key, label), ...]`` for every sample of a split, in shard order, read from the ``.json`` members only.
-
-    Checks that the total matches ``manifest.json``'s ``num_samples``."""
-    split_dir = Path(split_dir)
-    m = read_manifest(split_dir)
-    out: list[tuple[str, int | list[int]]] = []
-    for sh in m["shards"]:
-        path = split_dir / sh["file"]
-        if not path.is_file():
-            raise PrepError(f"{path}: shard listed in manifest.json is missing")
-        with tarfile.open(path, mode="r:") as tar:
-            for ti in tar:
-                if not ti.isfile() or not ti.name.endswith(".json"):
-                    continue
-                key = ti.name.split(".", 1)[0]
-                f = tar.extractfile(ti)
-                assert f is not None
-                try:
-                    meta = json.loads(f.read().decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise PrepError(f"{path}: member {ti.name}: invalid JSON ({e})") from None
-                out.append((key, meta["label"]))
-    if len(out) != m["num_samples"]:
-        raise PrepError(f"{split_dir}: read {len(out)} samples but manifest.json says {m['num_samples']}; "
-                        "run `harness prep --verify`")
-    if len({k for k, _ in out}) != len(out):
-        raise PrepError(f"{split_dir}: duplicate sample keys; run `harness prep --verify`")
-    return out
 
 
 def _stratum(label: int | list[int], freq: Counter) -> int:
@@ -109,11 +86,6 @@ def fewshot_order(index: list[tuple[str, int | list[int]]], seed: int, stratifie
     return order
 
 
-def fewshot_path(split_dir: Path, shots: int, seed: int = 0, stratified: bool = False) -> Path:
-    sub = f"stratified-seed-{seed}" if stratified else f"seed-{seed}"
-    return Path(split_dir) / "fewshot" / sub / f"shots-{int(shots)}.json"
-
-
 def build_fewshot(split_dir: Path, shots: list[int], seed: int = 0, stratified: bool = False) -> list[Path]:
     """Write the nested ``shots``-example subsets of ``split_dir``; returns the manifest paths (idempotent)."""
     split_dir = Path(split_dir)
@@ -122,7 +94,7 @@ def build_fewshot(split_dir: Path, shots: list[int], seed: int = 0, stratified: 
     labels = dict(index)
     order = fewshot_order(index, seed, stratified)
     names = m["labels"]
-    man_sha = sha256_file(split_dir / "manifest.json")
+    man_sha = sha256_file(split_dir / MANIFEST)
     paths = []
     for n in sorted({int(s) for s in shots}):
         if n < 1 or n > len(order):
@@ -153,24 +125,11 @@ def build_fewshot(split_dir: Path, shots: list[int], seed: int = 0, stratified: 
     return paths
 
 
-def read_fewshot(split_dir: Path, shots: int, seed: int = 0, stratified: bool = False) -> dict:
-    """Load a subset manifest; a clear error naming the command that builds it when missing or stale."""
-    p = fewshot_path(split_dir, shots, seed, stratified)
-    hint = (f"harness prep --fewshot {Path(split_dir).parent} --split {Path(split_dir).name} --shots {shots} "
-            f"--seed {seed}{' --stratified' if stratified else ''}")
-    if not p.is_file():
-        raise PrepError(f"{p}: few-shot subset not built; run `{hint}`")
-    doc = json.loads(p.read_text(encoding="utf-8"))
-    if doc.get("split_manifest_sha256") != sha256_file(Path(split_dir) / "manifest.json"):
-        raise PrepError(f"{p}: built for another version of {split_dir}; re-run `{hint}`")
-    return doc
-
-
 def _resolve_split_dir(shard_dir: Path, split: str) -> Path:
     shard_dir = Path(shard_dir)
-    if (shard_dir / "manifest.json").is_file():
+    if (shard_dir / MANIFEST).is_file():
         return shard_dir
-    if (shard_dir / split / "manifest.json").is_file():
+    if (shard_dir / split / MANIFEST).is_file():
         return shard_dir / split
     raise PrepError(f"{shard_dir}: neither a split directory nor a dataset directory with {split}/manifest.json")
 
@@ -195,7 +154,7 @@ def fewshot_main(argv: list[str] | None = None) -> int:
     try:
         split_dir = _resolve_split_dir(Path(shard_dir), a.split)
         paths = build_fewshot(split_dir, shots, seed=a.seed, stratified=a.stratified)
-    except PrepError as e:
+    except ShardFormatError as e:
         print(f"harness prep --fewshot: error: {e}", file=sys.stderr)
         return 2
     for p in paths:

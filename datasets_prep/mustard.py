@@ -57,8 +57,9 @@ import json
 from pathlib import Path
 
 from .registry import register_dataset
+from mope_data.format import IMAGE_EXTS, frame_member
+
 from .writer import (
-    IMAGE_EXTS,
     SKIP_HINT,
     PrepError,
     ShardSetWriter,
@@ -361,14 +362,14 @@ def convert(
                     if source == "video":
                         pngs = load_video_frames(v_dir / f"{key}.mp4", frames, frame_size, key)
                         for i, b in enumerate(pngs):
-                            sample[f"f{i:02d}.png"] = b
+                            sample[frame_member(i)] = b
                     elif source == "dir":
                         files = _frame_files(f_dir, key)
                         if not files:
                             raise PrepError(f"no frames for {key} under {f_dir}", reason="missing frames")
                         for i, j in enumerate(frame_indices(len(files), frames)):
                             ext, b = load_image(files[j])
-                            sample[f"f{i:02d}.{ext}"] = b
+                            sample[frame_member(i, ext)] = b
                 except PrepError as err:
                     bad_from_error(w, skip_bad, err, f"{ann_path.name}[{key!r}]")
                     continue

@@ -9,21 +9,25 @@ class histogram and total match, the declared modalities are present, images and
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .writer import KEY_RE, PrepError, read_manifest
+from mope_data.format import (
+    MANIFEST,
+    AUDIO_EXTS,
+    IMAGE_EXTS,
+    MODALITY_EXTS,
+    ShardFormatError,
+    iter_tar_samples,
+    read_manifest,
+    sha256_file,
+)
 
 __all__ = ["VerifyReport", "find_split_dirs", "verify", "verify_split"]
 
-IMAGE_EXT = ("jpg", "jpeg", "png", "bmp", "webp", "gif", "tif", "tiff", "ppm")
-AUDIO_EXT = ("wav", "flac", "ogg")
-MODALITY_EXT = {"image": IMAGE_EXT, "text": ("txt",), "audio": AUDIO_EXT}
 MAX_PROBLEMS_PER_SPLIT = 50
 
 
@@ -51,19 +55,11 @@ class VerifyReport:
 
 def find_split_dirs(root: Path) -> list[Path]:
     root = Path(root)
-    if (root / "manifest.json").is_file():
+    if (root / MANIFEST).is_file():
         return [root]
     return sorted(
-        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "manifest.json").is_file()
+        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()
     )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _check_image(data: bytes) -> str | None:
@@ -87,32 +83,6 @@ def _check_audio(data: bytes) -> str | None:
     if len(x) == 0:
         return "empty audio"
     return None
-
-
-def _iter_samples(tar: tarfile.TarFile, name: str, problem) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive ``{key}.{ext}`` members into samples (as webdataset does); report malformed members."""
-    cur_key: str | None = None
-    cur: dict[str, bytes] = {}
-    for ti in tar:
-        if not ti.isfile():
-            problem(f"{name}: non-file member {ti.name!r}")
-            continue
-        if "/" in ti.name or "." not in ti.name:
-            problem(f"{name}: member {ti.name!r} is not '{{key}}.{{ext}}'")
-            continue
-        key, ext = ti.name.split(".", 1)
-        if not KEY_RE.match(key):
-            problem(f"{name}: key {key!r} has characters outside [A-Za-z0-9_-]")
-        data = tar.extractfile(ti).read()  # type: ignore[union-attr]
-        if key != cur_key:
-            if cur_key is not None:
-                yield cur_key, cur
-            cur_key, cur = key, {}
-        if ext in cur:
-            problem(f"{name}: duplicate member {ti.name!r}")
-        cur[ext] = data
-    if cur_key is not None:
-        yield cur_key, cur
 
 
 def _check_sample(
@@ -157,7 +127,7 @@ def _check_sample(
             out.append(f"{where}: json is not an object")
     exts = {e.rsplit(".", 1)[-1] for e in sample}
     for mod in mods:
-        if not exts & set(MODALITY_EXT[mod]):
+        if not exts & set(MODALITY_EXTS[mod]):
             out.append(f"{where}: no {mod} member (manifest modalities {mods})")
     for ext, data in sample.items():
         last = ext.rsplit(".", 1)[-1]
@@ -167,9 +137,9 @@ def _check_sample(
                 data.decode("utf-8")
             except UnicodeDecodeError:
                 err = "text is not UTF-8"
-        elif decode and last in IMAGE_EXT:
+        elif decode and last in IMAGE_EXTS:
             err = _check_image(data)
-        elif decode and last in AUDIO_EXT:
+        elif decode and last in AUDIO_EXTS:
             err = _check_audio(data)
         if err:
             out.append(f"{where}.{ext}: {err}")
@@ -189,11 +159,11 @@ def verify_split(split_dir: Path, *, decode: bool = True) -> tuple[int, int, lis
 
     try:
         m = read_manifest(split_dir)
-    except PrepError as e:
+    except ShardFormatError as e:
         return 0, 0, [str(e)]
     labels = m.get("labels") or []
     task = m.get("task")
-    mods = [x for x in m.get("modalities", []) if x in MODALITY_EXT]
+    mods = [x for x in m.get("modalities", []) if x in MODALITY_EXTS]
     shards = m.get("shards") or []
     listed = {s.get("file") for s in shards}
     for extra in sorted(p.name for p in split_dir.glob("*.tar") if p.name not in listed):
@@ -208,12 +178,12 @@ def verify_split(split_dir: Path, *, decode: bool = True) -> tuple[int, int, lis
         if not path.is_file():
             problem(f"{name}: shard listed in manifest.json is missing")
             continue
-        if s.get("sha256") and _sha256(path) != s["sha256"]:
+        if s.get("sha256") and sha256_file(path) != s["sha256"]:
             problem(f"{name}: sha256 mismatch (file corrupted or modified after writing)")
         count = 0
         try:
             with tarfile.open(path, mode="r:") as tar:
-                for key, sample in _iter_samples(tar, name, problem):
+                for key, sample in iter_tar_samples(tar, name, problem):
                     count += 1
                     if key in seen:
                         problem(f"{name}: duplicate key {key!r} (also in {seen[key]})")
@@ -255,7 +225,7 @@ def verify(root: Path, *, decode: bool = True) -> VerifyReport:
     dataset = "DATASET"
     try:
         dataset = str(read_manifest(dirs[0]).get("dataset") or dataset)
-    except PrepError:
+    except ShardFormatError:
         pass
     rep.fix = (f"the shards are damaged, incomplete or stale: re-run the conversion `harness prep {dataset} --src "
                f"RAW_DIR --out {out_root}` (it replaces each split atomically; the demo: `harness prep demo --out "

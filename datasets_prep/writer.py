@@ -9,7 +9,8 @@ Layout written for one dataset::
 
 Each tar holds webdataset samples: members ``{key}.{ext}`` grouped by key, members of one sample in sorted extension
 order. Keys match ``[A-Za-z0-9_-]+`` (webdataset splits key and extension at the *first* dot, so a dot in a key would
-break grouping; see :func:`sanitize_key`).
+break grouping; see :func:`sanitize_key`). The rules and names (``KEY_RE``, ``EXT_RE``, ``MANIFEST``, the manifest
+reader) live in :mod:`mope_data.format`, the read side of the same contract; this module writes with them.
 
 Determinism: tar headers carry a fixed mtime (0), uid/gid 0, empty user/group names and mode 0444 (USTAR format);
 JSON is written with sorted keys; nothing records wall-clock time. Converting the same input twice therefore gives
@@ -37,6 +38,16 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mope_data.format import (
+    EXT_RE,
+    KEY_RE,
+    MANIFEST,
+    TASKS,
+    ShardFormatError,
+    read_manifest,
+    sha256_file,
+)
+
 __all__ = [
     "KEY_RE",
     "MAX_SKIP_EXAMPLES",
@@ -61,19 +72,15 @@ __all__ = [
     "write_dataset_info",
 ]
 
-KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-EXT_RE = re.compile(r"^[a-z0-9]+(?:\.[a-z0-9]+)*$")  # "jpg", "txt", "f00.png" (multi-part, no leading dot)
-TASKS = ("single_label", "multi_label")
 MAX_SKIP_EXAMPLES = 20
 # USTAR member names are limited to 100 bytes (no '/' in keys, so the 155-byte prefix field cannot be used).
 _MAX_KEY_LEN = 80
 _HASH_LEN = 10
 _TAR_MTIME = 0
 _TAR_MODE = 0o444
-_MANIFEST = "manifest.json"
 
 
-class PrepError(ValueError):
+class PrepError(ShardFormatError):
     """Bad raw input or bad converter usage; the message names the file/key and the fix.
 
     ``reason`` is a short category ("missing image", "undecodable audio", ...) used to count skipped samples.
@@ -100,17 +107,6 @@ def sanitize_key(raw: str) -> str:
         return raw
     base = re.sub(r"[^A-Za-z0-9_-]", "_", raw)[: _MAX_KEY_LEN - _HASH_LEN - 1]
     return f"{base}_{_short_hash(raw)}" if base else f"k{_short_hash(raw)}"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def sha256_files(paths: Iterable[Path], root: Path | None = None) -> str:
@@ -257,7 +253,7 @@ class ShardSetWriter:
         half-written ``.tmp-<split>-*`` dir; if it died between its two renames, put the previous set back first."""
         final = self.out_dir / self.split
         olds = sorted(self.out_dir.glob(f".old-{self.split}-*"))
-        if not final.exists() and olds and (olds[-1] / _MANIFEST).is_file():
+        if not final.exists() and olds and (olds[-1] / MANIFEST).is_file():
             os.replace(olds[-1], final)
             olds = olds[:-1]
         for d in [*olds, *self.out_dir.glob(f".tmp-{self.split}-*")]:
@@ -430,7 +426,7 @@ class ShardSetWriter:
         assert self._tmp is not None
         self._close_shard()
         self._check_split_leak()
-        _write_json(self._tmp / _MANIFEST, self.manifest())
+        _write_json(self._tmp / MANIFEST, self.manifest())
         self._closed = True
         final = self.out_dir / self.split
         old: Path | None = None
@@ -471,17 +467,6 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def read_manifest(split_dir: Path) -> dict:
-    """Load ``split_dir/manifest.json``; a clear error if it is missing or unreadable."""
-    p = Path(split_dir) / _MANIFEST
-    if not p.is_file():
-        raise PrepError(f"{p}: no manifest.json; is {split_dir} a split directory written by `harness prep`?")
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise PrepError(f"{p}: invalid JSON ({e}); re-run `harness prep`") from None
 
 
 def write_dataset_info(
@@ -596,9 +581,6 @@ def deterministic_shuffle(items: list[T], seed: int) -> list[T]:
     out = list(items)
     random.Random(int(seed)).shuffle(out)
     return out
-
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff", "ppm")
 
 
 def load_image(path: Path, *, max_side: int = 0) -> tuple[str, bytes]:

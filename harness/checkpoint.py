@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mope_data.format import sha256_file
+
 CHECKPOINT_DIR = "checkpoints"
 TRAIN_STATE_FILE = "train_state.pt"
 STATE_FORMAT = "mope-train-state"
@@ -342,16 +344,6 @@ ENGINE_DIGESTS_FILE = "mope_digests.json"
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _engine_tag(ckpt_dir: Path, tag: str | None) -> str:
     if tag is None:
         latest = ckpt_dir / "latest"
@@ -388,7 +380,7 @@ def save_engine(
         import json
 
         tdir = ckpt_dir / _engine_tag(ckpt_dir, tag)
-        digests = {f.name: _sha256(f) for f in sorted(tdir.iterdir()) if f.is_file() and f.name != ENGINE_DIGESTS_FILE}
+        digests = {f.name: sha256_file(f) for f in sorted(tdir.iterdir()) if f.is_file() and f.name != ENGINE_DIGESTS_FILE}
         tmp = tdir / f".{ENGINE_DIGESTS_FILE}.tmp"
         tmp.write_text(json.dumps({"format": "mope-deepspeed-digests", "sha256": digests}, indent=1))
         os.replace(tmp, tdir / ENGINE_DIGESTS_FILE)
@@ -430,7 +422,7 @@ def verify_engine_checkpoint(ckpt_dir: str | Path, *, tag: str | None = None) ->
         if not f.is_file():
             raise CheckpointError(f"{f} is missing from the DeepSpeed checkpoint (listed in {ENGINE_DIGESTS_FILE}). "
                                   f"Fix: {fix}")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(f"{f} does not match the SHA-256 recorded when it was saved (modified or planted "
                                   f"file); refused without unpickling it. Fix: {fix}")
     return tdir

@@ -314,7 +314,7 @@ def _record_train_keys(out_dir: Path, name: str, rank: int) -> None:
     """Audit of the data split: every training batch's sample keys, one line per batch, ``<name>.rank<r>.keys``.
 
     Enabled by ``HARNESS_SAMPLE_LOG_DIR`` on the driver (tests check that ranks train on disjoint samples)."""
-    from harness import data
+    import mope_data as data
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.rank{rank}.keys"

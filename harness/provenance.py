@@ -9,7 +9,6 @@ or recorded as unknown with the reason).
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import os
 import platform
 import shutil
@@ -20,6 +19,8 @@ from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from mope_data.format import sha256_file
 
 # Distribution names (as pip knows them), reported whether or not they are imported.
 PACKAGES = (
@@ -97,14 +98,6 @@ def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def manifest_checksums(manifests: Iterable[str | Path]) -> list[dict[str, Any]]:

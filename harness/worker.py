@@ -31,6 +31,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mope_data.format import sha256_file
+
 from harness import checkpoint as ck
 from harness import faults
 from harness.compose import fusion_config
@@ -95,7 +97,7 @@ def prepare_data(cfg: dict[str, Any]) -> Path:
 
 
 def loader_config(cfg: dict[str, Any], shard_dir: Path):
-    from harness.data import LoaderConfig
+    from mope_data import LoaderConfig
 
     d, tr = cfg["data"], cfg["trainer"]
     norm = {"dataset": "default", "mmbt": "mmbt", "imagenet": "imagenet"}[d.get("image_norm", "mmbt")]
@@ -126,7 +128,7 @@ SHARD_MODALITY = {"vision": "image", "text": "text", "audio": "audio", "video": 
 
 def check_modalities(fcfg, shard_dir: Path) -> None:
     """Before any model is built: every modality the method reads must be in the shards (manifest ``modalities``)."""
-    from harness.data import dataset_info
+    from mope_data import dataset_info
     from mope.methods import METHODS, reads_complementary
 
     needed = [fcfg.main] if METHODS[fcfg.method].use_main else []
@@ -169,13 +171,13 @@ class FeatureCache:
         h.update(f"{type(model.comp_encoder).__name__}|{getattr(model.comp_encoder, 'pool', '')}".encode())
         h.update(f"{lcfg.tokenizer}|{lcfg.max_text_len}".encode())
         for m in sorted(shard_dir.glob("*/manifest.json")):
-            h.update(ck_sha256(m).encode())
+            h.update(sha256_file(m).encode())
         return h.hexdigest()[:24]
 
     def build(self, model, lcfg, splits: list[str], *, rank: int, world_size: int) -> None:
         from safetensors.torch import load_file, save_file
 
-        from harness.data import make_eval_loader
+        from mope_data import make_eval_loader
 
         self.dir.mkdir(parents=True, exist_ok=True)
         for split in splits:
@@ -243,12 +245,6 @@ def input_row_digests(inputs: Any) -> list[bytes]:
             h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         out.append(h.digest())
     return out
-
-
-def ck_sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # -- engines: one interface, DeepSpeed or plain torch ---------------------------------------------------------------
@@ -441,7 +437,7 @@ def train(
     task = fcfg.task
     seed_everything(int(cfg["seed"]) + 1000 * rank)
 
-    from harness.data import make_eval_loader, make_train_loader
+    from mope_data import make_eval_loader, make_train_loader
 
     lcfg = loader_config(cfg, shard_dir)
     train_loader, batches_per_epoch = make_train_loader(lcfg, rank, world_size)

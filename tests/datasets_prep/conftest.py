@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from prep_helpers import jpeg_bytes, write_wav
+from tests.helpers.prep_helpers import jpeg_bytes, write_wav
 
 # ------------------------------------------------------------------------------------------------------- Food-101
 FOOD_CLASSES = ["apple_pie", "baklava", "sushi"]

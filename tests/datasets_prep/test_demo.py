@@ -138,7 +138,7 @@ def test_encoder_loads_strict_and_config(built):
 
 
 def test_loader_reads_demo(built):
-    from harness.data import LoaderConfig, make_eval_loader
+    from mope_data import LoaderConfig, make_eval_loader
 
     a, _, _ = built
     enc = json.loads((a / "vision_encoder/config.json").read_text())

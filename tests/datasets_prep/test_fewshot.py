@@ -8,15 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from datasets_prep.fewshot import (
-    build_fewshot,
-    fewshot_main,
-    fewshot_order,
-    fewshot_path,
-    read_fewshot,
-    read_split_index,
-)
+from datasets_prep.fewshot import build_fewshot, fewshot_main, fewshot_order
 from datasets_prep.writer import PrepError, ShardSetWriter
+from mope_data.format import MissingShardsError, ShardFormatError, fewshot_path, read_fewshot, read_split_index
 
 LABELS = ["a", "b", "c"]
 
@@ -84,13 +78,13 @@ def test_errors(tmp_path):
     split = _write(tmp_path)
     with pytest.raises(PrepError, match="between 1 and the split size 120"):
         build_fewshot(split, [121])
-    with pytest.raises(PrepError, match="harness prep --fewshot"):
+    with pytest.raises(MissingShardsError, match="harness prep --fewshot"):
         read_fewshot(split, 5, 0)
     build_fewshot(split, [5])
     m = json.loads((split / "manifest.json").read_text())
     m["source_checksum"] = "changed"
     (split / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(PrepError, match="another version"):
+    with pytest.raises(ShardFormatError, match="another version"):
         read_fewshot(split, 5, 0)
 
 

@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from prep_helpers import (
+from tests.helpers.prep_helpers import (
     FOOD_LABELS_REAL,
     FOOD_TITLES_REAL,
     by_id,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from prep_helpers import MMIMDB_LABELS_REAL, by_id, read_split, read_split_wds, tree_bytes
+from tests.helpers.prep_helpers import MMIMDB_LABELS_REAL, by_id, read_split, read_split_wds, tree_bytes
 
 from datasets_prep.mmimdb import MOPE_LABELS, convert
 from datasets_prep.verify import verify

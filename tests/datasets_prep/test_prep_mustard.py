@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import soundfile as sf
-from prep_helpers import (
+from tests.helpers.prep_helpers import (
     MUSTARD_OLD,
     MUSTARD_REAL,
     by_id,
@@ -72,7 +72,7 @@ def test_mustard_missing_and_bad_audio(mustard_raw, tmp_path):
 
 
 def test_mustard_frames(mustard_raw, tmp_path):
-    from prep_helpers import png_bytes
+    from tests.helpers.prep_helpers import png_bytes
 
     for k, key in enumerate(json.loads((mustard_raw / "sarcasm_data.json").read_text())):
         d = mustard_raw / "frames" / key

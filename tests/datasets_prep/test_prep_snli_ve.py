@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-from prep_helpers import SNLI_SAMPLE_DIR, by_id, read_split, read_split_wds, tree_bytes
+from tests.helpers.prep_helpers import SNLI_SAMPLE_DIR, by_id, read_split, read_split_wds, tree_bytes
 
 from datasets_prep.snli_ve import LABELS, convert, image_id_of
 from datasets_prep.verify import verify

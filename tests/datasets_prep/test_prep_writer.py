@@ -6,7 +6,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from prep_helpers import read_split, read_split_wds, tree_bytes
+from tests.helpers.prep_helpers import read_split, read_split_wds, tree_bytes
 
 from datasets_prep.verify import verify
 from datasets_prep.writer import (

@@ -1,1 +1,1 @@
-from demo_helpers import small_demo  # noqa: F401  (session fixture)
+from tests.helpers.demo_helpers import small_demo  # noqa: F401  (session fixture)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import socket
-import sys
 import warnings
 from pathlib import Path
 
@@ -13,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mope"))
-from tinymodels import make_batch, tiny_cfg
+from tests.helpers.tinymodels import make_batch, tiny_cfg
 
 from harness import checkpoint as ck
 from harness.ds_config import deepspeed_config, trainable_param_groups

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mope"))
-from tinymodels import TINY_VIT, tiny_cfg
+from tests.helpers.tinymodels import TINY_VIT, tiny_cfg
 
 from harness.ds_config import STEPS_PER_PRINT, deepspeed_config, modality_group, trainable_param_groups
 from mope.config import Method

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from demo_helpers import cfg_for
+from tests.helpers.demo_helpers import cfg_for
 
 pytestmark = [
     pytest.mark.gpu,

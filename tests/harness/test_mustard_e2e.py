@@ -6,18 +6,16 @@ prompts, audio + video complementary black boxes) -> MLflow."""
 from __future__ import annotations
 
 import io
-import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets_prep"))  # prep_helpers
 
 
 @pytest.fixture(scope="module")
 def mustard_shards(tmp_path_factory) -> Path:
-    from prep_helpers import make_mustard_replica
+    from tests.helpers.prep_helpers import make_mustard_replica
 
     from datasets_prep.cli import main as prep_main
 
@@ -74,7 +72,7 @@ def test_prep_then_train_mustard_with_audio_and_video_logs_to_mlflow(mustard_sha
 
 
 def test_mustard_without_frames_says_how_to_get_them(tmp_path, monkeypatch):
-    from prep_helpers import make_mustard_replica
+    from tests.helpers.prep_helpers import make_mustard_replica
 
     from datasets_prep.cli import main as prep_main
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness.compose import compose, fusion_config as fusion_config_of
-from demo_helpers import cfg_for
+from tests.helpers.demo_helpers import cfg_for
 from harness.train_cmd import open_tracker, run
 
 
@@ -135,7 +135,7 @@ def test_feature_cache_encodes_each_distinct_input_once_and_matches_direct(small
     """The cache of the frozen text tower: every sample covered, each distinct statement encoded once (the demo has
     far fewer statements than pairs), features equal to encoding each batch directly."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from harness.data import make_eval_loader
+    from mope_data import make_eval_loader
     from harness.worker import FeatureCache, input_row_digests, loader_config
     from mope import build_model
 

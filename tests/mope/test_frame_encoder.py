@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tinymodels import IMG, TINY_SWIN, TINY_VIT
+from tests.helpers.tinymodels import IMG, TINY_SWIN, TINY_VIT
 
 from mope.backbones import create_encoder
 from mope.backbones.frames import FrameEncoder

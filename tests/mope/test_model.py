@@ -7,7 +7,7 @@ from mope import AdapterMismatchError, load_adapter, save_adapter, task_loss
 from mope.config import Method, Task
 from mope.methods import METHODS
 
-from tinymodels import IMG, TINY_SWIN, TINY_VIT, build, make_batch, tiny_cfg
+from tests.helpers.tinymodels import IMG, TINY_SWIN, TINY_VIT, build, make_batch, tiny_cfg
 
 ALL_METHODS = list(Method)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mope.config import ConfigError, EncoderConfig, FusionConfig
-from tinymodels import TINY_BERT, TINY_VIT, build, tiny_cfg
+from tests.helpers.tinymodels import TINY_BERT, TINY_VIT, build, tiny_cfg
 
 TINY_W2V = EncoderConfig(kind="hf_wav2vec2", name="wav2vec2-base", kwargs=dict(
     hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),

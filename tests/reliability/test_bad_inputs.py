@@ -4,7 +4,7 @@ names a fix, and that no traceback escapes.
 
 The README's "Bad input" table is generated from these cases' actual messages::
 
-    nice -n 19 .venv/bin/python tests/reliability/test_bad_inputs.py     # prints the markdown table
+    nice -n 19 .venv/bin/python -m tests.reliability.test_bad_inputs     # prints the markdown table (from the repo root)
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import io
 import json
 import pickle
 import re
-import sys
 import tarfile
 import tempfile
 import traceback
@@ -25,8 +24,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # run as a script (the README table)
-    sys.path.insert(0, str(ROOT))
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -275,11 +272,7 @@ def _dotdot_member(out: Path) -> list[str]:
 # -- adapters
 def _adapter_case(kind: str) -> Callable[[Path], tuple[int, str, list[str]]]:
     def run(tmp: Path):
-        sys.path.insert(0, str(ROOT / "tests" / "mope"))
-        try:
-            from tinymodels import build, tiny_cfg
-        finally:
-            sys.path.remove(str(ROOT / "tests" / "mope"))
+        from tests.helpers.tinymodels import build, tiny_cfg
         from mope import AdapterMismatchError, load_adapter, save_adapter
 
         model = build(tiny_cfg("mope"))

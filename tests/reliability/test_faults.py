@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from demo_helpers import cfg_for
+from tests.helpers.demo_helpers import cfg_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
@@ -278,7 +278,7 @@ def test_worker_sigkilled_mid_epoch_resumes_and_matches_an_uninterrupted_run(tmp
     retries it, it resumes from its step-3 checkpoint and ends with exactly the metrics of an uninterrupted run of
     the same seed, in one MLflow child run. The vanilla trial's loss is NaN at step 2: FAILED naming the step, not
     retried, and the sweep goes on."""
-    from demo_helpers import build_small_demo
+    from tests.helpers.demo_helpers import build_small_demo
 
     data_root = tmp_path / "data"
     build_small_demo(data_root / "demo")

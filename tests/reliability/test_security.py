@@ -12,7 +12,7 @@ from pathlib import Path
 
 from test_bad_inputs import ROOT, good_shards, harness
 
-PROJECT_CODE = [p for d in ("harness", "mope", "datasets_prep", "reports", "bench") for p in (ROOT / d).rglob("*.py")]
+PROJECT_CODE = [p for d in ("harness", "mope", "mope_data", "datasets_prep", "reports", "bench") for p in (ROOT / d).rglob("*.py")]
 
 
 def test_sweep_yaml_python_tag_is_refused_without_running(tmp_path):
@@ -64,7 +64,7 @@ def test_shard_member_paths_cannot_write_outside_the_output_directory(tmp_path):
     assert rc == 2 and "'../escape.json'" in text and str(abs_target).lstrip("/") in text and "link.json" in text
     assert "re-run the conversion" in text
 
-    from datasets_prep.fewshot import read_split_index
+    from mope_data.format import read_samples, read_split_index
 
     try:
         read_split_index(out / "train")
@@ -73,11 +73,10 @@ def test_shard_member_paths_cannot_write_outside_the_output_directory(tmp_path):
     import webdataset as wds
 
     list(wds.WebDataset([str(shard)], shardshuffle=False, empty_check=False, handler=wds.ignore_and_continue))
-    from harness.data import _read_samples
 
     m = json.loads((out / "train" / "manifest.json").read_text())
     try:
-        _read_samples(out / "train", m, ["..", "evil", "link"])
+        read_samples(out / "train", m, ["..", "evil", "link"])
     except Exception:  # noqa: BLE001, S110 - refusing is fine
         pass
 

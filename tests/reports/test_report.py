@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-from store_helpers import make_store, noise
+from tests.helpers.store_helpers import make_store, noise
 
 from harness.cli import main as cli_main
 

