@@ -19,6 +19,42 @@ class ConfigValidationError(ValueError):
     """A composed configuration is not runnable; the message names the field and the fix."""
 
 
+# The model's defaults live once, in the dataclasses of mope.config; Hydra sees them as the config node
+# `model_defaults` (first in train.yaml's defaults list), so the YAML carries only what differs or is swept and
+# `mope.num_experts=8` still overrides an existing key.
+_NESTED_MODEL_FIELDS = ("method", "vision", "text", "audio", "video", "num_classes", "task", "mope")
+
+
+def dataclass_defaults(cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``{field: default}`` of a config dataclass as plain YAML values (enums as their values)."""
+    import enum
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if f.default is not dataclasses.MISSING:
+            v = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            v = f.default_factory()  # type: ignore[misc]
+        else:
+            continue
+        out[f.name] = v.value if isinstance(v, enum.Enum) else v
+    return out
+
+
+def _register_model_defaults() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(
+        name="model_defaults",
+        node={
+            "model": dataclass_defaults(FusionConfig, skip=_NESTED_MODEL_FIELDS),
+            "mope": dataclass_defaults(MoPEConfig),
+        },
+    )
+
+
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> dict[str, Any]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
@@ -26,6 +62,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "tra
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    _register_model_defaults()
     try:
         with initialize_config_module("harness.configs", version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
@@ -163,6 +200,7 @@ def _known_keys(overrides: list[str], config_name: str) -> list[str]:
     from hydra import initialize_config_module
     from omegaconf import OmegaConf
 
+    _register_model_defaults()
     for ovr in (overrides, []):
         try:
             with initialize_config_module("harness.configs", version_base="1.3"):
@@ -199,8 +237,7 @@ def _compose_error(msg: str, overrides: list[str], config_name: str) -> str:
 def fusion_config(cfg: dict[str, Any]) -> FusionConfig:
     """The typed model config from a composed config (raises ConfigError naming the field)."""
     model = dict(cfg["model"])
-    nested = ("method", "vision", "text", "audio", "video", "num_classes", "task", "mope")
-    check_fields(FusionConfig, model, "model", skip=nested)
+    check_fields(FusionConfig, model, "model", skip=_NESTED_MODEL_FIELDS)
     check_fields(EncoderConfig, dict(cfg["vision"]), "vision")
     check_fields(EncoderConfig, dict(cfg["text"]), "text")
     extra = {}

@@ -14,7 +14,7 @@ per-trial resources, the objective and the MLflow experiment (``shared/docs/arch
       mope: {method: mope}
       vanilla:                             # "=..." is an arithmetic expression over the point's values
         method: vanilla_prompt
-        model.vanilla_prompt_len: "=(mope.num_experts + 1) * mope.prompt_len + 1"
+        model.vanilla_prompt_len: "=tunable_prompts(mope.num_experts, mope.prompt_len)"
     constraints: ["mope.num_experts * mope.prompt_len <= 256"]
     seeds: [0, 1, 2]                       # or a count: 3 -> [0, 1, 2]
     resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
@@ -59,6 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mope.config import tunable_prompts_per_layer
+
 SPEC_KEYS = ("name", "description", "experiment", "overrides", "axes", "arms", "constraints", "seeds", "resources",
              "objective", "tracking", "profiles")
 PROFILE_KEYS = ("description", "experiment", "overrides", "axes", "arms", "constraints", "seeds", "resources",
@@ -83,6 +85,7 @@ _CMPOPS: dict[type, Callable[[Any, Any], bool]] = {
 }
 _FUNCS: dict[str, Callable[..., Any]] = {
     "min": min, "max": max, "abs": abs, "int": int, "float": float, "round": round,
+    "tunable_prompts": tunable_prompts_per_layer,  # (k, l) -> (k+1)*l+1, MoPE's tunable prompts per layer
 }
 _MAX_EXPR_LEN = 500
 
@@ -136,7 +139,7 @@ def safe_eval(expr: str, names: Mapping[str, Any], lookup: Callable[[str], Any] 
     """Evaluates a whitelisted arithmetic/boolean expression.
 
     Args:
-        expr: e.g. ``"(mope.num_experts + 1) * mope.prompt_len + 1"``.
+        expr: e.g. ``"tunable_prompts(mope.num_experts, mope.prompt_len)"`` or ``"2 * mope.prompt_len + 1"``.
         names: values of dotted names (``{"mope.num_experts": 2, "mope.prompt_len": 6}``).
         lookup: called for a name not in `names` (e.g. the composed base config); raises KeyError when unknown.
 

@@ -188,8 +188,32 @@ class MoPEConfig:
     @property
     def tunable_prompts_per_layer(self) -> int:
         """Fig. 4's x-axis: static + k experts + mapped = (k+1)·l+1 for full MoPE."""
-        experts = self.num_experts * self.prompt_len if self.use_dynamic else 0
-        return self.static_tokens + experts + self.mapped_tokens
+        return tunable_prompts_per_layer(
+            self.num_experts,
+            self.prompt_len,
+            self.static_len,
+            use_static=self.use_static,
+            use_dynamic=self.use_dynamic,
+            use_mapped=self.use_mapped,
+        )
+
+
+def tunable_prompts_per_layer(
+    num_experts: int,
+    prompt_len: int,
+    static_len: int | None = None,
+    *,
+    use_static: bool = True,
+    use_dynamic: bool = True,
+    use_mapped: bool = True,
+) -> int:
+    """Tunable prompt tokens per prompted layer, Fig. 4's x-axis: static + k experts of length l + mapped, i.e.
+    ``(k+1)·l+1`` for full MoPE (``static_len`` None = l). The one formula: :class:`MoPEConfig`, the vanilla
+    prompt's matched default length (``mope.methods``), the sweep expression ``tunable_prompts(k, l)`` and the
+    report's x-axis all call it."""
+    static = (prompt_len if static_len is None else static_len) if use_static else 0
+    experts = num_experts * prompt_len if use_dynamic else 0
+    return int(static + experts + (1 if use_mapped else 0))
 
 
 @dataclass

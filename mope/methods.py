@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from mope.config import FusionConfig, Method, MoPEConfig
+from mope.config import FusionConfig, Method, MoPEConfig, tunable_prompts_per_layer
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def main_prompt_config(cfg: FusionConfig) -> MoPEConfig | None:
         return m
     length = {"mope": m.prompt_len, "baseline": cfg.baseline_prompt_len}.get(spec.prompt_len_from)
     if spec.prompt_len_from == "vanilla":
-        total = cfg.vanilla_prompt_len or (m.num_experts + 1) * m.prompt_len + 1
+        total = cfg.vanilla_prompt_len or tunable_prompts_per_layer(m.num_experts, m.prompt_len)
         length = total - (1 if "mapped" in kinds else 0)
     return dataclasses.replace(
         m,

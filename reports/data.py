@@ -24,6 +24,8 @@ from typing import Any
 
 import pandas as pd
 
+from mope.config import tunable_prompts_per_layer
+
 # config keys read from every child run's params (a report needs them whether or not the spec varies them)
 CONFIG_KEYS = (
     "method.name", "data.name", "data.task", "data.shots", "vision.name", "vision.kind", "vision.weights", "text.name",
@@ -112,18 +114,19 @@ def tunable_prompts(row: pd.Series) -> float:
         if is_missing(k) or is_missing(l):
             return math.nan
         s = row.get("mope.static_len")
-        s = l if is_missing(s) else s
-        static = s if row.get("mope.use_static", True) is not False else 0
-        dyn = k * l if row.get("mope.use_dynamic", True) is not False else 0
-        mapped = 1 if row.get("mope.use_mapped", True) is not False else 0
-        return float(static + dyn + mapped)
+        return float(tunable_prompts_per_layer(
+            int(k), int(l), None if is_missing(s) else int(s),
+            use_static=row.get("mope.use_static", True) is not False,
+            use_dynamic=row.get("mope.use_dynamic", True) is not False,
+            use_mapped=row.get("mope.use_mapped", True) is not False,
+        ))
     if method == "vanilla_prompt":
         L = row.get("model.vanilla_prompt_len")
         if is_missing(L):
             k, l = row.get("mope.num_experts"), row.get("mope.prompt_len")
             if is_missing(k) or is_missing(l):
                 return math.nan
-            L = (k + 1) * l + 1  # the method's default length (mope/methods.py)
+            L = tunable_prompts_per_layer(int(k), int(l))  # the method's default length (mope/methods.py)
         return float(L)
     return math.nan
 

@@ -61,6 +61,11 @@ def test_paired_arm_arithmetic():
     t = next(t for t in trials if t.arm == "vanilla" and t.values["mope.num_experts"] == 2)
     assert "model.vanilla_prompt_len=19" in t.overrides and "method=vanilla_prompt" in t.overrides
     assert t.label == "vanilla-num_experts2-vanilla_prompt_len19"
+    # the shipped specs' form: the one formula (mope.config.tunable_prompts_per_layer) gives the same lengths
+    fn = {**PAIRED["arms"]["vanilla"], "model.vanilla_prompt_len": "=tunable_prompts(mope.num_experts, mope.prompt_len)"}
+    trials_fn = build_spec({**PAIRED, "arms": {**PAIRED["arms"], "vanilla": fn}}).expand()
+    assert {t.values["mope.num_experts"]: t.values["model.vanilla_prompt_len"]
+            for t in trials_fn if t.arm == "vanilla"} == got
 
 
 def test_expression_reads_defaults_through_lookup():

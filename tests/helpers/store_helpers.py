@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mope.config import tunable_prompts_per_layer
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -50,7 +52,7 @@ def make_store(tmp: Path, spec: str, acc: Callable[[dict[str, Any]], float], *,
         tr = open_tracker(t["cfg"], rank=0, trial_key=t["trial_key"], parent_run_id=parent.run_id,
                           tags=child_tags(t, spec_obj.spec_hash))
         a = acc(v)
-        tunable = (v["k"] + 1) * v["l"] + 1 if v["method"] in ("mope", "vanilla_prompt") else 0
+        tunable = tunable_prompts_per_layer(v["k"], v["l"]) if v["method"] in ("mope", "vanilla_prompt") else 0
         final = {"final/test_acc": a, "final/val_acc_best": a - 0.005, "final/test_acc_last": a - 0.002,
                  "perf/train_samples_per_s": 6400.0 / (20 + (tunable if v["method"] == "vanilla_prompt" else 13)),
                  "cost/trainable_params": 1000.0 * (v["k"] or 1), "perf/wall_s": 30.0,
