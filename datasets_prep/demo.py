@@ -67,6 +67,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -75,14 +76,15 @@ import numpy as np
 from datasets_prep.pretrain_vision import PretrainConfig, log, pretrain_encoder
 from datasets_prep.registry import register_dataset
 from datasets_prep.writer import (
+    DatasetSpec,
     PrepError,
-    ShardSetWriter,
-    effective_shard_size,
-    progress,
+    Record,
+    SplitPlan,
     read_manifest,
     sanitize_key,
     sha256_file,
     write_dataset_info,
+    write_split,
 )
 
 __all__ = [
@@ -470,6 +472,25 @@ def _remove_stale(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _pair_records(split: str, pairs: list[dict], pngs: list[bytes], src_idx: np.ndarray) -> Callable[[int], Record]:
+    """Pair number -> sample: the grid PNG, the statement, its label and the analysis annotations."""
+    stmts, _ = statements()
+
+    def record(i: int) -> Record:
+        p = pairs[i]
+        st = stmts[p["statement"]]
+        key = sanitize_key(f"demo-{split}-{i:06d}")
+        meta = {
+            "id": key, "label": int(p["label"]), "template": st.template, "difficulty": st.difficulty,
+            "statement_id": st.id, "image_id": f"{split}-img-{p['image']:06d}",
+            "digits": [int(x) for x in p["digits"]],
+            "source_indices": [int(x) for x in src_idx[p["image"]]],
+        }
+        return Record(key, {"png": pngs[p["image"]], "txt": st.text}, meta)
+
+    return record
+
+
 def _build_into(out: Path, cfg: DemoConfig, *, shard_size: int, verbose: bool) -> dict:
     t0 = time.monotonic()
     src = SourceDigits(cfg.seed, cfg.split_fractions)
@@ -487,30 +508,15 @@ def _build_into(out: Path, cfg: DemoConfig, *, shard_size: int, verbose: bool) -
         images = compose_grids(src.big, src_idx, offsets)
         if split == "train":
             train_pixels.append(images)
-        pngs = [_png(im) for im in images]
         n = len(pairs)
-        ss = effective_shard_size(n, shard_size, cfg.min_shards)
-        with ShardSetWriter(
-            out, split, dataset=DATASET, task="single_label", labels=LABELS, shard_size=ss,
-            source_checksum=src.sha256(split), converter_version=CONVERTER_VERSION,
-            extra={"demo": {"images": n_img, "source_digits": len(src.pools[split]), "seed": cfg.seed,
-                            "image_size": IMG}},
-        ) as w:
-            it = progress(range(n), total=n, desc=f"demo {split}") if verbose else range(n)
-            for i in it:
-                p = pairs[i]
-                st = stmts[p["statement"]]
-                key = sanitize_key(f"demo-{split}-{i:06d}")
-                w.write(key, {
-                    "png": pngs[p["image"]],
-                    "txt": st.text,
-                    "json": {
-                        "id": key, "label": int(p["label"]), "template": st.template, "difficulty": st.difficulty,
-                        "statement_id": st.id, "image_id": f"{split}-img-{p['image']:06d}",
-                        "digits": [int(x) for x in p["digits"]],
-                        "source_indices": [int(x) for x in src_idx[p["image"]]],
-                    },
-                })
+        write_split(
+            out, split,
+            SplitPlan(range(n), extra={"demo": {"images": n_img, "source_digits": len(src.pools[split]),
+                                                "seed": cfg.seed, "image_size": IMG}}),
+            _pair_records(split, pairs, [_png(im) for im in images], src_idx),
+            spec=DatasetSpec(DATASET, "single_label", LABELS, CONVERTER_VERSION, source_checksum=src.sha256(split)),
+            shard_size=shard_size, min_shards=cfg.min_shards, skip_bad=False, seed=None, show_progress=verbose,
+        )  # the pairs are in random order already
         counts[split] = n
     data_seconds = time.monotonic() - t0
     pix = np.concatenate(train_pixels).astype(np.float64) / 255.0

@@ -14,8 +14,8 @@ The file must be the current release (2019-02-28): exactly 690 entries, each wit
 
 Split schemes (``--opt split_scheme=...``):
 
-- ``friends`` (default; speaker-independent, as MUStARD and PromptFuse): test = ``show == "FRIENDS"`` (356), train = the
-  rest (334); counts asserted.
+- ``friends`` (default; speaker-independent, as MUStARD and PromptFuse): test = ``show == "FRIENDS"`` (356),
+  train = the rest (334); counts asserted.
 - ``mope_code``: MoPE's released loader, first 334 keys (file order) = train, the other 356 = test.
 
 ``val`` is written as an identical copy of ``test`` (the MoPE reference evaluates on the same set; there is no
@@ -54,25 +54,24 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from .registry import register_dataset
 from mope_data.format import IMAGE_EXTS, frame_member
 
+from .registry import register_dataset
 from .writer import (
-    SKIP_HINT,
+    BadInputs,
+    DatasetSpec,
     PrepError,
-    ShardSetWriter,
-    bad_from_error,
-    deterministic_shuffle,
-    effective_shard_size,
-    handle_bad,
+    Record,
+    SplitPlan,
     load_audio_wav,
     load_image,
-    progress,
+    option_bool,
     sanitize_key,
     source_fingerprint,
-    write_dataset_info,
+    write_dataset,
 )
 
 DATASET = "mustard"
@@ -83,12 +82,6 @@ N_ENTRIES, N_TRAIN, N_TEST = 690, 334, 356
 FRAME_SOURCES = ("auto", "video", "dir")
 FRAME_RULE = "floor((2i+1)n/(2N)) of the n frames (segment centres); n < N: all n, then the last repeated"
 VIDEO_FIX = "pass --opt video_dir=PATH, --opt frames=0 (no frames), or --skip-bad to skip and count it"
-
-
-def _to_bool(v) -> bool:
-    if isinstance(v, bool):
-        return v
-    return str(v).strip().lower() in ("1", "true", "yes", "y", "on")
 
 
 def load_annotations(path: Path, expect_entries: int = N_ENTRIES) -> dict[str, dict]:
@@ -215,6 +208,119 @@ def load_video_frames(path: Path, frames: int, size: int = 224, key: str = "") -
     return [got[i] for i in picks]
 
 
+def _valid_entries(data: dict[str, dict], ann_path: Path, bad: BadInputs) -> list[dict]:
+    """The annotation entries with the fields a sample needs, in file order, as ``{"key", "pos", **entry}``."""
+    entries: list[dict] = []
+    for pos, (key, v) in enumerate(data.items()):
+        ok = (
+            isinstance(v.get("utterance"), str)
+            and v["utterance"].strip()
+            and isinstance(v.get("speaker"), str)
+            and isinstance(v.get("sarcasm"), bool)
+            and isinstance(v.get("show"), str)
+        )
+        if not ok:
+            bad.add(
+                "invalid entry",
+                f"{ann_path.name}[{key!r}]",
+                "entry needs utterance (non-empty str), speaker (str), show (str) and sarcasm (bool)",
+            )
+            continue
+        entries.append({"key": key, "pos": pos, **v})
+    return entries
+
+
+def _split(entries: list[dict], split_scheme: str, train_count: int) -> tuple[list[dict], list[dict]]:
+    """``(train, test)`` by the split scheme (module docstring), each in file order."""
+    if split_scheme == "friends":
+        return [e for e in entries if e["show"] != "FRIENDS"], [e for e in entries if e["show"] == "FRIENDS"]
+    cut = int(train_count)
+    return [e for e in entries if e["pos"] < cut], [e for e in entries if e["pos"] >= cut]
+
+
+@dataclass(frozen=True)
+class MustardMedia:
+    """Where and how a clip's audio and frames are read: maps an annotation entry to its sample (:meth:`record`)."""
+
+    audio_dir: Path
+    video_dir: Path
+    frames_dir: Path
+    no_audio: bool
+    sample_rate: int
+    frames: int
+    frame_size: int
+    source: str | None  # of the frames: "video", "dir", or None without frames
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return ("text",) + (() if self.no_audio else ("audio",)) + (("video",) if self.frames else ())
+
+    def media(self, entries: list[dict]) -> list[Path]:
+        """The media files read for ``entries`` (for ``source_checksum``): wavs, and mp4s with frames from videos."""
+        media = [] if self.no_audio else [self.audio_dir / f"{e['key']}.wav" for e in entries]
+        if self.source == "video":
+            media += [self.video_dir / f"{e['key']}.mp4" for e in entries]
+        return media
+
+    def record(self, e: dict) -> Record:
+        """Entry -> sample: ``"{speaker}: {utterance}"`` text, 16 kHz mono wav, frames ``f00.png``...; json with
+        the annotation fields (and ``duration_s`` with audio)."""
+        key = e["key"]
+        members: dict = {"txt": f"{e['speaker']}: {e['utterance']}"}
+        meta = {
+            "id": key,
+            "label": int(e["sarcasm"]),
+            "show": e["show"],
+            "speaker": e["speaker"],
+            "utterance": e["utterance"],
+            "context": e.get("context", []),
+            "context_speakers": e.get("context_speakers", []),
+        }
+        if not self.no_audio:
+            members["wav"], dur = load_audio_wav(self.audio_dir / f"{key}.wav", target_sr=self.sample_rate)
+            meta["duration_s"] = round(dur, 4)
+        members.update(self._frame_members(key))
+        return Record(sanitize_key(key), members, meta)
+
+    def _frame_members(self, key: str) -> dict[str, bytes]:
+        if self.source == "video":
+            pngs = load_video_frames(self.video_dir / f"{key}.mp4", self.frames, self.frame_size, key)
+            return {frame_member(i): b for i, b in enumerate(pngs)}
+        if self.source != "dir":
+            return {}
+        files = _frame_files(self.frames_dir, key)
+        if not files:
+            raise PrepError(f"no frames for {key} under {self.frames_dir}", reason="missing frames")
+        members: dict[str, bytes] = {}
+        for i, j in enumerate(frame_indices(len(files), self.frames)):
+            ext, b = load_image(files[j])
+            members[frame_member(i, ext)] = b
+        return members
+
+
+def _frame_source(frames: int, frames_source: str, frames_dir_given: bool, f_dir: Path, v_dir: Path) -> str | None:
+    """``"dir"`` / ``"video"`` (checked to be readable) for ``frames > 0``, else None."""
+    if frames_source not in FRAME_SOURCES:
+        raise PrepError(f"frames_source must be one of {FRAME_SOURCES}, got {frames_source!r}")
+    if not frames:
+        return None
+    use_dir = frames_source == "dir" or (frames_source == "auto" and (frames_dir_given or f_dir.is_dir()))
+    if use_dir and not f_dir.is_dir():
+        raise PrepError(
+            f"frames directory {f_dir} not found; pass --opt frames_dir=PATH, --opt frames_source=video (frames "
+            "from the mp4s), or --opt frames=0"
+        )
+    if use_dir:
+        return "dir"
+    _import_av()
+    if not v_dir.is_dir():
+        raise PrepError(
+            f"video directory {v_dir} not found (the release keeps the clips in data/videos/utterances_final); "
+            "pass --opt video_dir=PATH, --opt frames_dir=PATH for extracted frames, or --opt frames=0"
+        )
+    return "video"
+
+
 @register_dataset(DATASET)
 def convert(
     src: Path | None,
@@ -227,28 +333,22 @@ def convert(
     audio_dir: str | Path | None = None,
     sample_rate: int = 16000,
     frames: int = 0,
-    frames_dir: str | Path | None = None,
     frames_source: str = "auto",
     video_dir: str | Path | None = None,
     frame_size: int = 224,
+    frames_dir: str | Path | None = None,
     seed: int = 0,
     min_shards: int = 32,
     expect_entries: int = N_ENTRIES,
     train_count: int = N_TRAIN,
-    **unknown,
 ) -> dict:
-    if unknown:
-        raise PrepError(
-            f"mustard: unknown option(s) {sorted(unknown)}; valid: split_scheme, no_audio, audio_dir, "
-            "sample_rate, frames, frames_source, video_dir, frame_size, frames_dir, seed, min_shards, "
-            "expect_entries, train_count"
-        )
+    """Convert MUStARD (module docstring) to shards of train, test and val (a copy of test)."""
     if src is None:
         raise PrepError("mustard needs --src RAW_DIR (with sarcasm_data.json and utterances_final/{key}.wav)")
     if split_scheme not in SCHEMES:
         raise PrepError(f"split_scheme must be one of {SCHEMES}, got {split_scheme!r}")
     src, out = Path(src), Path(out)
-    no_audio = _to_bool(no_audio)
+    no_audio = option_bool(no_audio)
     frames, seed, expect_entries, sample_rate = int(frames), int(seed), int(expect_entries), int(sample_rate)
     ann_path = src / "sarcasm_data.json"
     data = load_annotations(ann_path, expect_entries)
@@ -263,146 +363,49 @@ def convert(
     frame_size = int(frame_size)
     if frames < 0 or frame_size < 0:
         raise PrepError(f"frames ({frames}) and frame_size ({frame_size}) must be >= 0")
-    if frames_source not in FRAME_SOURCES:
-        raise PrepError(f"frames_source must be one of {FRAME_SOURCES}, got {frames_source!r}")
-    source = None
-    if frames:
-        use_dir = frames_source == "dir" or (
-            frames_source == "auto" and (frames_dir is not None or f_dir.is_dir())
-        )
-        source = "dir" if use_dir else "video"
-    if source == "dir" and not f_dir.is_dir():
-        raise PrepError(
-            f"frames directory {f_dir} not found; pass --opt frames_dir=PATH, --opt frames_source=video (frames "
-            "from the mp4s), or --opt frames=0"
-        )
-    if source == "video":
-        _import_av()
-        if not v_dir.is_dir():
-            raise PrepError(
-                f"video directory {v_dir} not found (the release keeps the clips in data/videos/utterances_final); "
-                "pass --opt video_dir=PATH, --opt frames_dir=PATH for extracted frames, or --opt frames=0"
-            )
+    source = _frame_source(frames, frames_source, frames_dir is not None, f_dir, v_dir)
+    media = MustardMedia(a_dir, v_dir, f_dir, no_audio, sample_rate, frames, frame_size, source)
 
-    bad: list[tuple[str, str, str]] = []
-    entries: list[dict] = []
-    for pos, (key, v) in enumerate(data.items()):
-        where = f"{ann_path.name}[{key!r}]"
-        ok = (
-            isinstance(v.get("utterance"), str)
-            and v["utterance"].strip()
-            and isinstance(v.get("speaker"), str)
-            and isinstance(v.get("sarcasm"), bool)
-            and isinstance(v.get("show"), str)
-        )
-        if not ok:
-            detail = "entry needs utterance (non-empty str), speaker (str), show (str) and sarcasm (bool)"
-            if not skip_bad:
-                raise PrepError(f"{where}: {detail}; {SKIP_HINT}", reason="invalid entry")
-            bad.append(("invalid entry", where, detail))
-            continue
-        entries.append({"key": key, "pos": pos, **v})
-
-    # split
-    if split_scheme == "friends":
-        test = [e for e in entries if e["show"] == "FRIENDS"]
-        train = [e for e in entries if e["show"] != "FRIENDS"]
-    else:
-        cut = int(train_count)
-        train = [e for e in entries if e["pos"] < cut]
-        test = [e for e in entries if e["pos"] >= cut]
+    bad = BadInputs(skip_bad)  # entries rejected before splitting: counted in train (their show may be unknown)
+    entries = _valid_entries(data, ann_path, bad)
+    train, test = _split(entries, split_scheme, train_count)
     if expect_entries == N_ENTRIES and not bad and (len(train), len(test)) != (N_TRAIN, N_TEST):
         raise PrepError(
             f"{ann_path}: split {split_scheme!r} gives {len(train)}/{len(test)} train/test, "
             f"expected {N_TRAIN}/{N_TEST}"
         )
-    bad_by_split: dict[str, list] = {"train": [], "test": []}
-    for b in bad:  # entries rejected before splitting: counted in train (their show may be unknown)
-        bad_by_split["train"].append(b)
-
-    modalities = ("text",) + (() if no_audio else ("audio",)) + (("video",) if frames else ())
-    media = [] if no_audio else [a_dir / f"{e['key']}.wav" for e in entries]
-    if source == "video":
-        media += [v_dir / f"{e['key']}.mp4" for e in entries]
-    checksum = source_fingerprint([ann_path], src, [m for m in media if m.is_relative_to(src)])
-    summary: dict = {"dataset": DATASET, "out": str(out), "splits": {}, "skipped": {}, "split_scheme": split_scheme}
+    checksum = source_fingerprint([ann_path], src, [m for m in media.media(entries) if m.is_relative_to(src)])
+    frame_size_info = media.frame_size if media.source == "video" else None
     common = {
         "split_scheme": split_scheme,
         "sample_rate": None if no_audio else sample_rate,
         "frames": frames,
-        "frames_source": source,
-        "frame_size": frame_size if source == "video" else None,
+        "frames_source": media.source,
+        "frame_size": frame_size_info,
         "frame_rule": FRAME_RULE if frames else None,
-        "order": f"shuffled(seed={seed})",
         "text_format": "{speaker}: {utterance}",
     }
-
-    for split, recs, src_split in (("train", train, "train"), ("test", test, "test"), ("val", test, "test")):
-        order = deterministic_shuffle(sorted(recs, key=lambda e: e["pos"]), seed)
-        with ShardSetWriter(
-            out,
-            split,
-            dataset=DATASET,
-            task="single_label",
-            labels=LABELS,
-            shard_size=effective_shard_size(len(order), shard_size, min_shards),
-            source_checksum=checksum,
-            converter_version=CONVERTER_VERSION,
-            modalities=modalities,
-            extra={**common, "val_is_test": split == "val"},
-        ) as w:
-            for reason, where, detail in bad_by_split[src_split]:
-                handle_bad(w, True, reason, where, detail)
-            for e in progress(order, total=len(order), desc=f"{DATASET}/{split}"):
-                key = e["key"]
-                sample: dict = {"txt": f"{e['speaker']}: {e['utterance']}"}
-                try:
-                    if not no_audio:
-                        sample["wav"], dur = load_audio_wav(a_dir / f"{key}.wav", target_sr=sample_rate)
-                    if source == "video":
-                        pngs = load_video_frames(v_dir / f"{key}.mp4", frames, frame_size, key)
-                        for i, b in enumerate(pngs):
-                            sample[frame_member(i)] = b
-                    elif source == "dir":
-                        files = _frame_files(f_dir, key)
-                        if not files:
-                            raise PrepError(f"no frames for {key} under {f_dir}", reason="missing frames")
-                        for i, j in enumerate(frame_indices(len(files), frames)):
-                            ext, b = load_image(files[j])
-                            sample[frame_member(i, ext)] = b
-                except PrepError as err:
-                    bad_from_error(w, skip_bad, err, f"{ann_path.name}[{key!r}]")
-                    continue
-                meta = {
-                    "id": key,
-                    "label": int(e["sarcasm"]),
-                    "show": e["show"],
-                    "speaker": e["speaker"],
-                    "utterance": e["utterance"],
-                    "context": e.get("context", []),
-                    "context_speakers": e.get("context_speakers", []),
-                }
-                if not no_audio:
-                    meta["duration_s"] = round(dur, 4)
-                sample["json"] = meta
-                w.write(sanitize_key(key), sample)
-        summary["splits"][split] = w.num_samples
-        summary["skipped"][split] = w.skipped
-
-    write_dataset_info(
+    return write_dataset(
         out,
-        dataset=DATASET,
-        task="single_label",
-        labels=LABELS,
-        splits=summary["splits"],
-        converter_version=CONVERTER_VERSION,
-        extra={
+        DatasetSpec(DATASET, "single_label", LABELS, CONVERTER_VERSION, media.modalities, checksum),
+        {
+            "train": SplitPlan(train, bad, {**common, "val_is_test": False}),
+            "test": SplitPlan(test, None, {**common, "val_is_test": False}),
+            "val": SplitPlan(test, None, {**common, "val_is_test": True}),
+        },
+        media.record,
+        where=lambda e: f"{ann_path.name}[{e['key']!r}]",
+        shard_size=shard_size,
+        min_shards=min_shards,
+        skip_bad=skip_bad,
+        seed=seed,
+        info_extra={
             "split_scheme": split_scheme,
             "val_is_test": True,
-            "modalities": list(modalities),
+            "modalities": list(media.modalities),
             "frames": frames,
-            "frames_source": source,
-            "frame_size": common["frame_size"],
+            "frames_source": media.source,
+            "frame_size": frame_size_info,
         },
+        summary_extra={"split_scheme": split_scheme},
     )
-    return summary

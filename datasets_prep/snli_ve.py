@@ -20,26 +20,27 @@ split repeats each image ~18x, so ~70 GB at original size), ``splits`` (default 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .registry import register_dataset
 from .writer import (
     BadInputs,
+    DatasetSpec,
     PrepError,
-    ShardSetWriter,
-    bad_from_error,
-    deterministic_shuffle,
-    effective_shard_size,
+    Record,
+    SplitPlan,
     load_image,
-    progress,
+    option_list,
     sanitize_key,
     source_fingerprint,
-    write_dataset_info,
+    write_dataset,
 )
 
 DATASET = "snli_ve"
 CONVERTER_VERSION = "1"
 LABELS = ["contradiction", "entailment", "neutral"]
+LABEL_IDX = {n: i for i, n in enumerate(LABELS)}
 SPLIT_FILES = {
     "train": ("snli_ve_train.jsonl", "train.jsonl"),
     "val": ("snli_ve_dev.jsonl", "dev.jsonl", "val.jsonl"),
@@ -72,6 +73,125 @@ def _find_images_dir(src: Path) -> Path:
     )
 
 
+def _parse_line(raw: bytes, lineno: int, where: str, bad: BadInputs) -> dict | None:
+    """One JSONL line -> its object, or None (blank; or bad, recorded in ``bad``)."""
+    try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        bad.add(
+            "non-UTF-8 line",
+            where,
+            f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); re-encode the file as UTF-8",
+        )
+        return None
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        bad.add("malformed JSON line", where, f"malformed JSON line ({e.msg} at column {e.colno})")
+        return None
+    if not isinstance(rec, dict):
+        bad.add("line is not a JSON object", where)
+        return None
+    return rec
+
+
+def _problem(rec: dict) -> tuple[str, str] | None:
+    """``(reason, detail)`` when a line lacks what a sample needs (pair id, hypothesis, known label, image id)."""
+    pid, hyp, gold = rec.get("pairID"), rec.get("sentence2"), rec.get("gold_label")
+    if not isinstance(pid, str) or not pid.strip():
+        return "missing 'pairID'", ""
+    if not isinstance(hyp, str) or not hyp.strip():
+        return "missing or empty 'sentence2'", ""
+    if gold not in LABEL_IDX:
+        return "label not in labels", f"gold_label {gold!r} not in {LABELS}"
+    if not image_id_of(rec):
+        return "no image id (Flickr30K_ID / Flikr30kID / pairID)", ""
+    return None
+
+
+def read_split_file(path: Path, bad: BadInputs) -> list[dict]:
+    """The usable pairs of one ``snli_ve_*.jsonl``, sorted by ``pairID``: ``{"pairID", "text" (hypothesis), "label",
+    "image_id", "where" (file:line), "premise"}``; the bad lines go to ``bad``."""
+    recs: list[dict] = []
+    seen: dict[str, str] = {}
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            rec = _parse_line(raw, lineno, where, bad)
+            if rec is None:
+                continue
+            problem = _problem(rec)
+            if problem is not None:
+                bad.add(problem[0], where, problem[1])
+                continue
+            pid = rec["pairID"]
+            if pid in seen:
+                bad.add("duplicate pairID", where, f"duplicate pairID {pid!r} (first at line {seen[pid]})")
+                continue
+            seen[pid] = str(lineno)
+            prem = rec.get("sentence1")
+            recs.append(
+                {
+                    "pairID": pid,
+                    "text": rec["sentence2"].strip(),
+                    "label": rec["gold_label"],
+                    "image_id": image_id_of(rec),
+                    "where": where,
+                    "premise": prem if isinstance(prem, str) else "",
+                }
+            )
+    return sorted(recs, key=lambda r: r["pairID"])
+
+
+@dataclass
+class SnliImages:
+    """Maps a pair to its sample (:meth:`record`); each Flickr30k image is decoded once (the first time a pair uses
+    it): later pairs reuse its original bytes, or its first error."""
+
+    img_dir: Path
+    max_image_side: int
+    seen: dict[str, tuple[str, ...]] = field(default_factory=dict)  # image id -> ("ok", ext) | ("bad", error, reason)
+
+    def load(self, iid: str) -> tuple[str, bytes]:
+        ipath = self.img_dir / f"{iid}.jpg"
+        state = self.seen.get(iid)
+        if state is None:
+            try:
+                ext, img = load_image(ipath, max_side=int(self.max_image_side))
+            except PrepError as e:
+                self.seen[iid] = ("bad", str(e), e.reason)
+                raise
+            self.seen[iid] = ("ok", ext)
+            return ext, img
+        if state[0] == "bad":
+            raise PrepError(state[1], reason=state[2])
+        if state[1] == "jpg" and not self.max_image_side:
+            return "jpg", ipath.read_bytes()  # decoded once already: original bytes
+        return load_image(ipath, max_side=int(self.max_image_side))
+
+    def record(self, r: dict) -> Record:
+        """Pair -> sample: image, hypothesis text, ``{"id": pairID, "label", "image_id", "premise"}``."""
+        ext, img = self.load(r["image_id"])
+        meta = {"id": r["pairID"], "label": LABEL_IDX[r["label"]], "image_id": r["image_id"],
+                "premise": r["premise"]}
+        return Record(sanitize_key(r["pairID"]), {ext: img, "txt": r["text"]}, meta)
+
+
+def _split_files(src: Path, want: list[str]) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for split in want:
+        found = [src / f for f in SPLIT_FILES[split] if (src / f).is_file()]
+        if not found:
+            raise PrepError(
+                f"{src}: none of {SPLIT_FILES[split]} found for split {split!r}; use --opt splits=... to "
+                "convert only the splits you have"
+            )
+        files[split] = found[0]
+    return files
+
+
 @register_dataset(DATASET)
 def convert(
     src: Path | None,
@@ -84,17 +204,12 @@ def convert(
     min_shards: int = 32,
     max_image_side: int = 0,
     splits: str | list[str] = "train,val,test",
-    **unknown,
 ) -> dict:
-    if unknown:
-        raise PrepError(
-            f"snli_ve: unknown option(s) {sorted(unknown)}; valid: images_dir, seed, min_shards, "
-            "max_image_side, splits"
-        )
+    """Convert SNLI-VE (module docstring) to shards of the requested splits (raw ``dev`` written as ``val``)."""
     if src is None:
         raise PrepError("snli_ve needs --src RAW_DIR (with snli_ve_{train,dev,test}.jsonl and Flickr30k images)")
     src, out = Path(src), Path(out)
-    want = [s.strip() for s in (splits.split(",") if isinstance(splits, str) else splits) if s.strip()]
+    want = option_list(splits)
     for s in want:
         if s not in SPLIT_FILES:
             raise PrepError(f"snli_ve splits are {list(SPLIT_FILES)}, got {s!r}")
@@ -102,133 +217,26 @@ def convert(
     if not img_dir.is_dir():
         raise PrepError(f"images_dir {img_dir} is not a directory")
     seed = int(seed)
-    label_idx = {n: i for i, n in enumerate(LABELS)}
-
-    files: dict[str, Path] = {}
-    for split in want:
-        found = [src / f for f in SPLIT_FILES[split] if (src / f).is_file()]
-        if not found:
-            raise PrepError(
-                f"{src}: none of {SPLIT_FILES[split]} found for split {split!r}; use --opt splits=... to "
-                "convert only the splits you have"
-            )
-        files[split] = found[0]
-
-    per_split: dict[str, tuple[list[dict], BadInputs]] = {}
+    files = _split_files(src, want)
+    plans: dict[str, SplitPlan[dict]] = {}
     for split, path in files.items():
-        recs: list[dict] = []
         bad = BadInputs(skip_bad)
-        seen: dict[str, str] = {}
+        plans[split] = SplitPlan(read_split_file(path, bad), bad, {"raw_file": path.name, "text_field": "sentence2"})
 
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                where = f"{path}:{lineno}"
-                try:
-                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    bad.add(
-                        "non-UTF-8 line",
-                        where,
-                        f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); re-encode the file as UTF-8",
-                    )
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    bad.add("malformed JSON line", where, f"malformed JSON line ({e.msg} at column {e.colno})")
-                    continue
-                if not isinstance(rec, dict):
-                    bad.add("line is not a JSON object", where)
-                    continue
-                pid, hyp, gold = rec.get("pairID"), rec.get("sentence2"), rec.get("gold_label")
-                if not isinstance(pid, str) or not pid.strip():
-                    bad.add("missing 'pairID'", where)
-                    continue
-                if not isinstance(hyp, str) or not hyp.strip():
-                    bad.add("missing or empty 'sentence2'", where)
-                    continue
-                if gold not in label_idx:
-                    bad.add("label not in labels", where, f"gold_label {gold!r} not in {LABELS}")
-                    continue
-                iid = image_id_of(rec)
-                if not iid:
-                    bad.add("no image id (Flickr30K_ID / Flikr30kID / pairID)", where)
-                    continue
-                if pid in seen:
-                    bad.add("duplicate pairID", where, f"duplicate pairID {pid!r} (first at line {seen[pid]})")
-                    continue
-                seen[pid] = str(lineno)
-                prem = rec.get("sentence1")
-                recs.append(
-                    {
-                        "pairID": pid,
-                        "text": hyp.strip(),
-                        "label": gold,
-                        "image_id": iid,
-                        "where": where,
-                        "premise": prem if isinstance(prem, str) else "",
-                    }
-                )
-        per_split[split] = (recs, bad)
-
-    all_ids = sorted({r["image_id"] for recs, _ in per_split.values() for r in recs})
+    all_ids = sorted({r["image_id"] for p in plans.values() for r in p.entries})
     checksum = (
         source_fingerprint(list(files.values()), src, [img_dir / f"{i}.jpg" for i in all_ids])
         if img_dir.is_relative_to(src)
         else source_fingerprint(list(files.values()), src)
     )
-
-    image_ok: dict[str, tuple[str, ...]] = {}  # image id -> ("ok", ext) | ("bad", error): each image decoded once
-    summary: dict = {"dataset": DATASET, "out": str(out), "splits": {}, "skipped": {}}
-    for split, (recs, bad) in per_split.items():
-        order = deterministic_shuffle(sorted(recs, key=lambda r: r["pairID"]), seed)
-        with ShardSetWriter(
-            out,
-            split,
-            dataset=DATASET,
-            task="single_label",
-            labels=LABELS,
-            shard_size=effective_shard_size(len(order), shard_size, min_shards),
-            source_checksum=checksum,
-            converter_version=CONVERTER_VERSION,
-            modalities=("image", "text"),
-            extra={"raw_file": files[split].name, "order": f"shuffled(seed={seed})", "text_field": "sentence2"},
-        ) as w:
-            bad.replay(w)
-            for r in progress(order, total=len(order), desc=f"{DATASET}/{split}"):
-                iid = r["image_id"]
-                ipath = img_dir / f"{iid}.jpg"
-                state = image_ok.get(iid)
-                try:
-                    if state is None:
-                        try:
-                            ext, img = load_image(ipath, max_side=int(max_image_side))
-                            image_ok[iid] = ("ok", ext)
-                        except PrepError as e:
-                            image_ok[iid] = ("bad", str(e), e.reason)
-                            raise
-                    elif state[0] == "bad":
-                        raise PrepError(state[1], reason=state[2])
-                    elif state[1] == "jpg" and not max_image_side:
-                        ext, img = "jpg", ipath.read_bytes()  # decoded once already: original bytes
-                    else:
-                        ext, img = load_image(ipath, max_side=int(max_image_side))
-                except PrepError as e:
-                    bad_from_error(w, skip_bad, e, r["where"])
-                    continue
-                meta = {"id": r["pairID"], "label": label_idx[r["label"]], "image_id": iid, "premise": r["premise"]}
-                w.write(sanitize_key(r["pairID"]), {ext: img, "txt": r["text"], "json": meta})
-        summary["splits"][split] = w.num_samples
-        summary["skipped"][split] = w.skipped
-
-    write_dataset_info(
+    return write_dataset(
         out,
-        dataset=DATASET,
-        task="single_label",
-        labels=LABELS,
-        splits=summary["splits"],
-        converter_version=CONVERTER_VERSION,
+        DatasetSpec(DATASET, "single_label", LABELS, CONVERTER_VERSION, source_checksum=checksum),
+        plans,
+        SnliImages(img_dir, max_image_side).record,
+        where=lambda r: r["where"],
+        shard_size=shard_size,
+        min_shards=min_shards,
+        skip_bad=skip_bad,
+        seed=seed,
     )
-    return summary

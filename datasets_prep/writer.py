@@ -16,6 +16,13 @@ Determinism: tar headers carry a fixed mtime (0), uid/gid 0, empty user/group na
 JSON is written with sorted keys; nothing records wall-clock time. Converting the same input twice therefore gives
 byte-identical shards and manifests, provided the converter writes samples in a deterministic order.
 
+Converters: :func:`write_dataset` is the skeleton every converter runs. A converter parses its raw annotation files
+into one :class:`SplitPlan` per output split (raw entries in canonical order + the :class:`BadInputs` found while
+parsing) and gives a function mapping one raw entry to a :class:`Record` (key, members, json meta); that function
+loads the media and may raise :class:`PrepError` for a bad input. The skeleton owns the rest: a writer per split,
+the seeded shuffle, the progress bar, the bad-input policy (``--skip-bad``: skip and count; else stop with
+:data:`SKIP_HINT`), ``labels.txt`` + ``dataset.json`` and the summary returned to ``harness prep``.
+
 Atomicity: :class:`ShardSetWriter` writes into a hidden temporary directory next to ``OUT/<split>`` and renames it into
 place only after every shard and the manifest are complete. An existing ``OUT/<split>`` is replaced only then. On an
 exception the temporary directory is deleted and the previous output is left untouched.
@@ -34,9 +41,10 @@ import sys
 import tarfile
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from mope_data.format import (
     EXT_RE,
@@ -54,14 +62,19 @@ __all__ = [
     "SKIP_HINT",
     "TASKS",
     "BadInputs",
+    "DatasetSpec",
     "PrepError",
+    "Record",
     "ShardSetWriter",
+    "SplitPlan",
     "bad_from_error",
     "deterministic_shuffle",
     "effective_shard_size",
     "handle_bad",
     "load_audio_wav",
     "load_image",
+    "option_bool",
+    "option_list",
     "progress",
     "read_labels_file",
     "read_manifest",
@@ -69,7 +82,9 @@ __all__ = [
     "sha256_file",
     "sha256_files",
     "source_fingerprint",
+    "write_dataset",
     "write_dataset_info",
+    "write_split",
 ]
 
 MAX_SKIP_EXAMPLES = 20
@@ -562,6 +577,20 @@ def bad_from_error(writer: ShardSetWriter, skip_bad: bool, err: PrepError, where
     handle_bad(writer, skip_bad, err.reason, where, str(err))
 
 
+def option_bool(value: Any) -> bool:
+    """A converter's boolean ``--opt`` value: a bool as is, else true for ``1/true/yes/y/on`` (any case)."""
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("1", "true", "yes", "y", "on")
+
+
+def option_list(value: Any) -> list[str]:
+    """A converter's list ``--opt`` value (``splits=train,test``): a list or tuple, else its string split at commas;
+    items are stripped, empty ones dropped."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(x).strip() for x in items if str(x).strip()]
+
+
 def effective_shard_size(n: int, shard_size: int, min_shards: int = 1) -> int:
     """``shard_size`` lowered so that ``n`` samples give at least ``min_shards`` shards (never below 1).
 
@@ -581,6 +610,140 @@ def deterministic_shuffle(items: list[T], seed: int) -> list[T]:
     out = list(items)
     random.Random(int(seed)).shuffle(out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The converter skeleton: a converter maps raw entries to records; the loop, bad-input policy and summary live here
+# ---------------------------------------------------------------------------------------------------------------------
+E = TypeVar("E")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What every split of one converted dataset shares: the names and fields written into each manifest and into
+    ``dataset.json``."""
+
+    dataset: str
+    task: str
+    labels: Sequence[str]
+    converter_version: str = "1"
+    modalities: tuple[str, ...] = ("image", "text")
+    source_checksum: str = ""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One sample made from one raw entry: its shard ``key`` (already :func:`sanitize_key`-ed), its ``members``
+    (extension -> value, everything but ``json``), its ``meta`` (the ``json`` member, with ``"id"`` and ``"label"``)
+    and ``warnings`` (``(reason, where)`` pairs recorded with :meth:`ShardSetWriter.warn` when it is written)."""
+
+    key: str
+    members: dict[str, Any]
+    meta: dict
+    warnings: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class SplitPlan(Generic[E]):
+    """One output split before writing: its raw ``entries`` in a canonical (sorted) order, the ``bad`` inputs found
+    while listing them (replayed as skipped into its manifest) and the split's own manifest fields (``extra``)."""
+
+    entries: Sequence[E]
+    bad: BadInputs | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def write_split(
+    out: Path,
+    split: str,
+    plan: SplitPlan[E],
+    record: Callable[[E], Record],
+    *,
+    spec: DatasetSpec,
+    shard_size: int,
+    min_shards: int,
+    skip_bad: bool,
+    seed: int | None,
+    where: Callable[[E], str] = str,
+    show_progress: bool = True,
+) -> ShardSetWriter:
+    """Write one split: ``record(entry)`` for each entry, lazily (media are loaded while writing, one at a time).
+
+    With ``seed`` the entries are written in :func:`deterministic_shuffle` order (recorded as the manifest's
+    ``order``); ``seed=None`` keeps their order. A :class:`PrepError` raised by ``record`` is bad input at
+    ``where(entry)``: counted as skipped under ``skip_bad``, else raised with the fix (:func:`handle_bad`). Errors of
+    the written record itself (bad key, label, field) are converter bugs and propagate. Returns the closed writer
+    (``num_samples``, ``skipped``).
+    """
+    entries = list(plan.entries)
+    extra = dict(plan.extra)
+    if seed is not None:
+        entries = deterministic_shuffle(entries, seed)
+        extra["order"] = f"shuffled(seed={seed})"
+    with ShardSetWriter(
+        out,
+        split,
+        dataset=spec.dataset,
+        task=spec.task,
+        labels=list(spec.labels),
+        shard_size=effective_shard_size(len(entries), shard_size, min_shards),
+        source_checksum=spec.source_checksum,
+        converter_version=spec.converter_version,
+        modalities=spec.modalities,
+        extra=extra,
+    ) as w:
+        if plan.bad is not None:
+            plan.bad.replay(w)
+        items = progress(entries, total=len(entries), desc=f"{spec.dataset}/{split}") if show_progress else entries
+        for entry in items:
+            try:
+                rec = record(entry)
+            except PrepError as err:
+                bad_from_error(w, skip_bad, err, where(entry))
+                continue
+            for reason, at in rec.warnings:
+                w.warn(reason, at)
+            w.write(rec.key, {**rec.members, "json": rec.meta})
+    return w
+
+
+def write_dataset(
+    out: Path,
+    spec: DatasetSpec,
+    splits: Mapping[str, SplitPlan[E]],
+    record: Callable[[E], Record],
+    *,
+    where: Callable[[E], str],
+    shard_size: int,
+    min_shards: int,
+    skip_bad: bool,
+    seed: int,
+    info_extra: dict | None = None,
+    summary_extra: dict | None = None,
+) -> dict:
+    """Write every split of ``splits`` in its order with :func:`write_split`, then ``labels.txt`` and
+    ``dataset.json`` (:func:`write_dataset_info`, with ``info_extra``).
+
+    Returns the converter's summary for ``harness prep``: ``{"dataset", "out", "splits": {split: written},
+    "skipped": {split: skipped}, **summary_extra}``.
+    """
+    out = Path(out)
+    summary: dict = {"dataset": spec.dataset, "out": str(out), "splits": {}, "skipped": {}, **(summary_extra or {})}
+    for split, plan in splits.items():
+        w = write_split(out, split, plan, record, spec=spec, shard_size=shard_size, min_shards=min_shards,
+                        skip_bad=skip_bad, seed=seed, where=where)
+        summary["splits"][split] = w.num_samples
+        summary["skipped"][split] = w.skipped
+    write_dataset_info(
+        out,
+        dataset=spec.dataset,
+        task=spec.task,
+        labels=list(spec.labels),
+        splits=summary["splits"],
+        converter_version=spec.converter_version,
+        extra=info_extra,
+    )
+    return summary
 
 
 def load_image(path: Path, *, max_side: int = 0) -> tuple[str, bytes]:

@@ -83,3 +83,18 @@ def test_cli_passes_src_none_and_options(tmp_path, monkeypatch, capsys):
     )
     assert seen["src"] is None and seen["skip_bad"] is True and seen["shard_size"] == 1000
     assert seen["options"] == {"a": 1, "b": True, "c": "x=y", "no_audio": False}
+
+
+def test_registry_refuses_options_missing_from_the_converter_signature(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def conv(src, out, *, shard_size, skip_bad, seed=0, splits="train"):
+        calls.append(seed)
+        return {"splits": {}}
+
+    monkeypatch.setitem(registry.CONVERTERS, "fake_sig", registry.refuse_unknown_options("fake_sig", conv))
+    assert main(["fake_sig", "--out", str(tmp_path / "o"), "--opt", "sed=1"]) == 2
+    assert "error: fake_sig: unknown option(s) ['sed']; valid: seed, splits" in capsys.readouterr().err
+    assert calls == []  # refused before the converter runs
+    assert main(["fake_sig", "--out", str(tmp_path / "o"), "--opt", "seed=1"]) == 0
+    assert calls == [1]
