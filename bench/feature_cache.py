@@ -34,9 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from harness.compose import compose, fusion_config
-    from mope_data import make_train_loader
-    from harness.worker import FeatureCache, loader_config, prepare_data
+    from harness.feature_cache import FeatureCache
+    from harness.run_setup import loader_config, prepare_data
     from mope import build_model, task_loss
+    from mope_data import make_train_loader
 
     data = Path(args.data).resolve()
     cfg = compose(["experiment=demo_mope", f"data.shard_dir={data}", f"vision.weights={data}/vision_encoder",

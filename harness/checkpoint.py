@@ -17,7 +17,7 @@ For DeepSpeed engines, :func:`save_engine`/:func:`load_engine` wrap ``engine.sav
 with ``exclude_frozen_parameters=True`` (DeepSpeed worker checkpoints otherwise contain the full frozen model,
 ray#43917; architecture.md pitfall 5). The engine checkpoint is collective: *every* rank must call them. DeepSpeed's
 files are pickles, so ``save_engine`` records their SHA-256 and ``load_engine`` refuses any file that does not match
-before DeepSpeed reads it. The trainer itself (``harness.worker``) resumes from the weights-only state above, with or
+before DeepSpeed reads it. The trainer itself (``harness.recipe``) resumes from the weights-only state above, with or
 without DeepSpeed: it never calls ``engine.load_checkpoint``.
 """
 

@@ -263,8 +263,8 @@ def report_after_sweep(spec: SweepSpec, trials: list[dict[str, Any]]) -> bool:
     and never changes the sweep's exit code (the runs are in MLflow: `harness report` can be re-run)."""
     from pathlib import Path
 
-    from harness.launch import tracking_target
     from harness.report_cmd import report_sweeps
+    from harness.sweep_runs import tracking_target
 
     cfg = trials[0]["cfg"]
     try:

@@ -3,9 +3,10 @@
 Design (``shared/docs/architecture.md`` §5, §7 and pitfalls 8–10):
 
 * Only the explicit client API (``mlflow.tracking.MlflowClient(tracking_uri)``) and explicit run ids are used, never
-  the fluent ``mlflow.start_run``/``mlflow.log_*`` state, which is process- and thread-local: two Ray tasks would get two
-  runs (pitfall 9). Every process passes the tracking URI itself (mlflow#7206, ray#36257).
-* Rank 0 logs; other ranks get a :class:`NoopTracker` from :func:`make_tracker` (one run per GPU otherwise, mlflow#11782).
+  the fluent ``mlflow.start_run``/``mlflow.log_*`` state, which is process- and thread-local: two Ray tasks would get
+  two runs (pitfall 9). Every process passes the tracking URI itself (mlflow#7206, ray#36257).
+* Rank 0 logs; other ranks get a :class:`NoopTracker` from :func:`make_tracker` (one run per GPU otherwise,
+  mlflow#11782).
 * A retried trial finds its run by the ``harness.trial_key`` tag and resumes it instead of creating a duplicate
   (the composer#3263 / lightly-train#334 pattern). Params are immutable in MLflow (mlflow#4248): they are logged when
   the run is new and *verified* when it is resumed; a changed configuration is an error naming the keys.
@@ -18,9 +19,10 @@ Design (``shared/docs/architecture.md`` §5, §7 and pitfalls 8–10):
   are written to ``spill_path`` (the run directory's ``unlogged_metrics.jsonl``, replayed into the run when the trial
   is resumed) and :class:`TrackingUnavailable` names the store, the count and the file: never silently missing.
 
-The default store is a local SQLite file (``sqlite:///<run_dir>/mlflow.db``) with artifacts in ``<run_dir>/mlartifacts``;
-``mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///<run_dir>/mlflow.db`` shows runs and artifacts. ``MLFLOW_TRACKING_URI``
-overrides it (a tracking server for clusters: a SQLite file on a shared FS is not safe for many writers).
+The default store is a local SQLite file (``sqlite:///<run_dir>/mlflow.db``) with artifacts in
+``<run_dir>/mlartifacts``; ``mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///<run_dir>/mlflow.db`` shows runs
+and artifacts. ``MLFLOW_TRACKING_URI`` overrides it (a tracking server for clusters: a SQLite file on a shared FS is
+not safe for many writers).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -40,7 +42,7 @@ RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 TRIAL_KEY_TAG = "harness.trial_key"
 PARENT_RUN_TAG = "mlflow.parentRunId"
-ERROR_TAG = "harness.error"  # why a run FAILED (set by harness.launch / harness.train_cmd)
+ERROR_TAG = "harness.error"  # why a run FAILED (set by RunLifecycle)
 DB_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 
@@ -118,7 +120,7 @@ class Tracker(Protocol):
     def requeue_metrics(self, rows: Iterable[Iterable[Any]]) -> None: ...
 
 
-# -- config flattening ---------------------------------------------------------------------------------------------------
+# -- config flattening ------------------------------------------------------------------------------------------------
 def flatten_config(cfg: Mapping[str, Any], *, max_value_length: int = MAX_PARAM_VAL_LENGTH) -> dict[str, str]:
     """Flattens a nested (resolved) config into MLflow params: dotted keys, string values.
 
@@ -187,7 +189,7 @@ def _chunks(items: list, n: int) -> Iterable[list]:
         yield items[i : i + n]
 
 
-# -- tracking URI ------------------------------------------------------------------------------------------------------
+# -- tracking URI -----------------------------------------------------------------------------------------------------
 def default_tracking_uri(run_dir: str | Path) -> str:
     """``$MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<abs run_dir>/mlflow.db`` (the directory is created)."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
@@ -239,7 +241,7 @@ def ensure_experiment(client: Any, name: str, artifact_location: str | None = No
     return exp.experiment_id
 
 
-# -- implementations ---------------------------------------------------------------------------------------------------
+# -- implementations --------------------------------------------------------------------------------------------------
 class NoopTracker:
     """Logs nothing: for ranks ≠ 0, tests and runs with tracking off."""
 
@@ -572,6 +574,41 @@ class MLflowTracker:
             self.finish("FAILED")
 
 
+class RunLifecycle:
+    """How a run ends, the same for ``harness train``, every sweep trial and the sweep's parent run::
+
+        with RunLifecycle(tracker) as run:
+            ...                        # the run's work
+            run.status = "KILLED"      # optional: how a normal exit ends the run (default FINISHED)
+
+    A normal exit ends the run with :attr:`status`; an exception of a `killed_by` type ends it KILLED (resumable, no
+    error tag: Ctrl-C, and in a Ray trial also SystemExit, Ray stopping the trial); any other exception ends it
+    FAILED, with ``harness.error = "<type>: <message>"`` unless `record_error` is false. The tags of `close_tags()`
+    are set first, whatever the outcome. The exception always propagates.
+    """
+
+    def __init__(self, tracker: Tracker, *, killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
+                 record_error: bool = True, close_tags: Callable[[], Mapping[str, Any]] | None = None):
+        self.tracker, self.killed_by, self.record_error, self.close_tags = tracker, killed_by, record_error, close_tags
+        self.status: RunStatus = "FINISHED"
+
+    def __enter__(self) -> RunLifecycle:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.close_tags is not None:
+            self.tracker.set_tags(self.close_tags())
+        if exc_type is None:
+            self.tracker.finish(self.status)
+        elif issubclass(exc_type, self.killed_by):
+            self.tracker.finish("KILLED")
+        else:
+            if self.record_error:
+                self.tracker.set_tags({ERROR_TAG: f"{exc_type.__name__}: {exc}"[:5000]})
+            self.tracker.finish("FAILED")
+        return False
+
+
 def _to_float(key: Any, v: Any) -> float:
     try:
         return float(v.item() if hasattr(v, "item") else v)
@@ -609,6 +646,7 @@ __all__ = [
     "MLflowTracker",
     "NoopTracker",
     "ParamConflictError",
+    "RunLifecycle",
     "Tracker",
     "TrackingUnavailable",
     "default_artifact_location",

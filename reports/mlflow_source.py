@@ -1,6 +1,6 @@
 """Reads a sweep from MLflow into a :class:`~reports.data.SweepData`, and logs a report folder back to its parent run.
 
-What ``harness sweep`` writes (``harness/launch.py``): one parent run per sweep (tags ``harness.role = sweep``,
+What ``harness sweep`` writes (``harness/sweep_runs.py``): one parent run per sweep (tags ``harness.role = sweep``,
 ``harness.sweep_id``, ``harness.spec_name``, ``harness.spec_hash``, ``harness.profile``, ``harness.git_sha``; params
 ``spec.*`` = the normalized spec; artifact ``trials.json`` = the planned trials) and one child run per trial (tags
 ``harness.role = trial``, ``harness.sweep_id``, ``harness.trial_key``, ``harness.point_id``, ``harness.seed``,

@@ -305,7 +305,7 @@ def test_planted_pickle_in_a_deepspeed_checkpoint_is_refused_without_unpickling(
 
 
 def test_planted_pickle_as_train_state_is_refused_without_unpickling(tmp_path):
-    """The trainer's resume path (harness.worker, DeepSpeed on or off) reads only train_state.pt (weights_only) and the
+    """The trainer's resume path (harness.recipe, DeepSpeed on or off) reads only train_state.pt (weights_only) and the
     safetensors adapter: a pickle planted in a run's newest checkpoint does not run."""
     import pickle
 

@@ -141,7 +141,7 @@ def test_each_method_composed_config_gives_fine_tuned_encoders_their_own_lr(meth
     profile slows the encoders down (full fine-tuning at 1e-3 collapsed), the paper profile keeps the reference's
     single lr per modality (mope-reference §3)."""
     from harness.compose import compose
-    from harness.worker import learning_rates
+    from harness.recipe import learning_rates
 
     tr = compose(["experiment=demo_mope", f"method={method}", f"trainer={trainer}"])["trainer"]
     lrs = learning_rates(tr)

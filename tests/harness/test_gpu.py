@@ -17,13 +17,13 @@ pytestmark = [
 def test_deepspeed_bf16_zero2_one_gpu(small_demo, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
+    from harness.recipe import train
     from harness.tracking import default_tracking_uri
-    from harness.train_cmd import run
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = cfg_for(small_demo, tmp_path, "deepspeed=zero2", "trainer.precision=bf16", "trainer.epochs=3")
-    summary = run(cfg)
+    summary = train(cfg)
     assert summary["finished"] and summary["step"] == 3 * 16
     c = MlflowClient(default_tracking_uri(str(tmp_path)))
     r = c.get_run(summary["run_id"])

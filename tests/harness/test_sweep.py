@@ -115,7 +115,7 @@ def test_bad_spec_is_named(tmp_path, capsys):
 
 
 def test_progress_lines_eta():
-    from harness.launch import progress_lines
+    from harness.sweep_runs import progress_lines
 
     rows = [
         {"label": "a", "seed": 0, "state": "TERMINATED", "epoch": 1, "epochs": 2, "metric": 0.61, "duration": 100.0},
@@ -292,7 +292,7 @@ def test_two_worker_torchtrainer_trial_trains_on_disjoint_data(small_demo, tmp_p
 
 
 def test_progress_row_shows_a_failed_trial_and_its_cause():
-    from harness.launch import progress_lines
+    from harness.sweep_runs import progress_lines
 
     rows = [{"label": "a", "seed": 0, "state": "TERMINATED", "epoch": None, "epochs": 2, "metric": float("nan"),
              "duration": 3.0, "status": "failed: ValueError: trainer.min_steps_per_epoch=9 > ..."},
@@ -304,7 +304,7 @@ def test_progress_row_shows_a_failed_trial_and_its_cause():
 
 def test_deterministic_failures_are_classified():
     from harness.launch import is_deterministic_failure
-    from harness.worker import TrainingDiverged
+    from harness.recipe import TrainingDiverged
 
     assert is_deterministic_failure(TrainingDiverged("nan at step 3"))
     assert is_deterministic_failure(ValueError("trainer.min_steps_per_epoch=9 > trainer.max_steps_per_epoch=3"))
@@ -345,7 +345,7 @@ def test_a_trial_stopped_by_ray_or_ctrl_c_is_killed_not_failed(monkeypatch, stop
     """Ray stops a trial's actor with SystemExit(0) when the sweep is interrupted: its child run is KILLED (resumable)
     without a harness.error tag, not FAILED with 'SystemExit: 0' (seen on an interrupted data_scaling sweep)."""
     import harness.launch as launch
-    import harness.train_cmd as train_cmd
+    import harness.recipe as recipe
 
     seen: dict = {}
 
@@ -359,8 +359,8 @@ def test_a_trial_stopped_by_ray_or_ctrl_c_is_killed_not_failed(monkeypatch, stop
     def interrupted(*a, **kw):
         raise stop
 
-    monkeypatch.setattr(train_cmd, "open_tracker", lambda *a, **kw: Tracker())
-    monkeypatch.setattr(train_cmd, "run", interrupted)
+    monkeypatch.setattr(recipe, "open_tracker", lambda *a, **kw: Tracker())
+    monkeypatch.setattr(recipe, "train", interrupted)
     monkeypatch.setattr(launch, "finished_child_metrics", lambda cfg, key: None)
     trial = {"cfg": {"trainer": {"epochs": 2}}, "trial_key": "s/p/0", "sweep_id": "s", "point_id": "p", "seed": 0,
              "arm": "mope", "label": "mope", "values": {}}

@@ -1,4 +1,4 @@
-"""The training worker end to end on a small demo build: learning, MLflow contents, resume = uninterrupted run."""
+"""The training recipe end to end on a small demo build: learning, MLflow contents, resume = uninterrupted run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from harness.compose import compose, fusion_config as fusion_config_of
 from tests.helpers.demo_helpers import cfg_for
-from harness.train_cmd import open_tracker, run
+from harness.recipe import open_tracker, train
 
 
 def _client(cfg):
@@ -24,7 +24,7 @@ def test_train_logs_everything_and_learns(small_demo, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = cfg_for(small_demo, tmp_path, "trainer.epochs=3")
-    summary = run(cfg)
+    summary = train(cfg)
     assert summary["finished"] and summary["step"] == 3 * 16
     c = _client(cfg)
     r = c.get_run(summary["run_id"])
@@ -46,11 +46,11 @@ def test_train_logs_everything_and_learns(small_demo, tmp_path, monkeypatch):
 def test_resume_reproduces_uninterrupted_run(small_demo, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    full = run(cfg_for(small_demo, tmp_path / "a", "trainer.epochs=3"))
+    full = train(cfg_for(small_demo, tmp_path / "a", "trainer.epochs=3"))
     cfg_b = cfg_for(small_demo, tmp_path / "b", "trainer.epochs=3")
-    part = run(cfg_b, stop_after_epochs=1)  # "crash" after epoch 1
+    part = train(cfg_b, stop_after_epochs=1)  # "crash" after epoch 1
     assert not part["finished"] and part["step"] == 16
-    resumed = run(cfg_for(small_demo, tmp_path / "b", "trainer.epochs=3", "resume=true"))
+    resumed = train(cfg_for(small_demo, tmp_path / "b", "trainer.epochs=3", "resume=true"))
     assert resumed["step"] == full["step"] == 48
     assert resumed["run_id"] == part["run_id"]  # the same MLflow run continues (found by its trial key)
     for k in ("final/test_acc", "final/val_acc_best", "final/test_loss_last"):
@@ -65,22 +65,22 @@ def test_resume_reproduces_uninterrupted_run(small_demo, tmp_path, monkeypatch):
 
 
 def test_nan_loss_fails_the_run_and_keeps_logged_data(small_demo, tmp_path, monkeypatch):
-    from harness.worker import TrainingDiverged
+    from harness.recipe import TrainingDiverged
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = cfg_for(small_demo, tmp_path, "trainer.epochs=1", "trainer.lr_vision=1e30", "trainer.lr_text=1e30")
     tracker = open_tracker(cfg)
     with pytest.raises(TrainingDiverged, match="at step"):
-        run(cfg, tracker=None)
+        train(cfg, tracker=None)
     r = _client(cfg).get_run(tracker.run_id)
     assert r.info.status == "FAILED" and "at step" in r.data.tags["harness.error"]
     assert r.data.params["seed"] == "0"
 
 
 def test_changed_config_is_a_new_run_and_a_rerun_never_overwrites(small_demo, tmp_path, monkeypatch, capsys):
+    from harness.run_setup import config_id, run_dir_of
     from harness.train_cmd import main
-    from harness.worker import config_id, run_dir_of
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -91,7 +91,7 @@ def test_changed_config_is_a_new_run_and_a_rerun_never_overwrites(small_demo, tm
     b = compose(["experiment=demo_mope", *base, "trainer.lr_vision=5e-3"])
     assert config_id(a) == config_id(compose(["experiment=demo_mope", *base, "resume=true"]))  # run control only
     assert config_id(a) != config_id(b) and run_dir_of(a) != run_dir_of(b)
-    ra, rb = run(a), run(b)  # same run_name, different config: a second MLflow run, not a param conflict
+    ra, rb = train(a), train(b)  # same run_name, different config: a second MLflow run, not a param conflict
     assert ra["run_id"] != rb["run_id"]
     c = _client(a)
     assert c.get_run(ra["run_id"]).data.params["trainer.lr_vision"] == "0.001"
@@ -105,7 +105,7 @@ def test_changed_config_is_a_new_run_and_a_rerun_never_overwrites(small_demo, tm
 
 
 def test_to_device_moves_nested_inputs_and_keeps_label_dtype():
-    from harness.worker import to_device
+    from harness.engines import to_device
 
     batch = {"image": torch.ones(2, 3), "text": {"input_ids": torch.ones(2, 4, dtype=torch.long)},
              "label": torch.tensor([0.0, 1.0]), "key": ["a", "b"]}
@@ -116,7 +116,7 @@ def test_to_device_moves_nested_inputs_and_keeps_label_dtype():
 
 
 def test_input_row_digests_ignore_padding_and_tell_inputs_apart():
-    from harness.worker import input_row_digests
+    from harness.feature_cache import input_row_digests
 
     ids = torch.tensor([[101, 7, 8, 102, 0, 0], [101, 7, 8, 102, 0, 0], [101, 7, 9, 102, 0, 0]])
     mask = (ids != 0).long()
@@ -136,7 +136,8 @@ def test_feature_cache_encodes_each_distinct_input_once_and_matches_direct(small
     far fewer statements than pairs), features equal to encoding each batch directly."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from mope_data import make_eval_loader
-    from harness.worker import FeatureCache, input_row_digests, loader_config
+    from harness.feature_cache import FeatureCache, input_row_digests
+    from harness.run_setup import loader_config
     from mope import build_model
 
     cfg = cfg_for(small_demo, tmp_path)

@@ -1,6 +1,6 @@
 """Synthetic MLflow stores shaped exactly like a real sweep's: the shipped spec is planned and composed as
-`harness sweep` does, the parent run is opened by `harness.launch.open_parent_run` and every child run by
-`harness.train_cmd.open_tracker` with `harness.launch.child_tags`; only the metrics are made up (known values)."""
+`harness sweep` does, the parent run is opened by `harness.sweep_runs.open_parent_run` and every child run by
+`harness.recipe.open_tracker` with `harness.sweep_runs.child_tags`; only the metrics are made up (known values)."""
 
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ def make_store(tmp: Path, spec: str, acc: Callable[[dict[str, Any]], float], *,
     acc(values) -> final/test_acc of a trial (val best = acc − 0.005, last weights = acc − 0.002); `skip` leaves a
     planned trial without a child run; `status` is the child's final status; `omit_metrics` drops final metrics by
     name; `history` gives extra metric series {key: [(step, value), ...]}; `extra` adds final metrics."""
-    from harness.launch import child_tags, open_parent_run
+    from harness.recipe import open_tracker
     from harness.sweep_cmd import plan
-    from harness.train_cmd import open_tracker
+    from harness.sweep_runs import child_tags, open_parent_run
 
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     spec_obj, trials = plan(str(ROOT / "sweeps" / f"{spec}.yaml"), overrides or [], check_paths=False)

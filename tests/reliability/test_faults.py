@@ -76,7 +76,7 @@ def test_sqlite_store_locked_for_a_while_the_run_keeps_training_and_ends_complet
     """Another process holds the SQLite store's exclusive lock for 25 s in the middle of training (MLflow gives up
     on a locked database after its 20 s busy timeout): training goes on, the buffered metrics are logged when the
     lock is released, and the run ends FINISHED with every step's metrics."""
-    from harness.train_cmd import open_tracker, run
+    from harness.recipe import open_tracker, train
 
     cfg = cfg_for(small_demo, tmp_path, "trainer.epochs=2")
     tracker = open_tracker(cfg)
@@ -98,7 +98,7 @@ def test_sqlite_store_locked_for_a_while_the_run_keeps_training_and_ends_complet
     locker = threading.Thread(target=lock_store, daemon=True)
     locker.start()
     with caplog.at_level(logging.WARNING, logger="harness.tracking"):
-        summary = run(cfg, tracker=tracker)
+        summary = train(cfg, tracker=tracker)
         tracker.finish("FINISHED")
     locker.join(timeout=60)
     assert held.is_set(), "the lock was never taken: the test did not test anything"
@@ -180,18 +180,18 @@ def test_crash_while_metrics_are_buffered_loses_nothing_on_resume(small_demo, tm
     written; the process then dies. The checkpoint carries the buffered values and the resumed run logs them: the
     checkpoint and the run's metrics stay a consistent pair."""
     from harness import checkpoint as ck
-    from harness.train_cmd import open_tracker, run
+    from harness.recipe import open_tracker, train
 
     cfg = cfg_for(small_demo, tmp_path, "trainer.epochs=2")
     tracker = open_tracker(cfg)
     tracker.client = _Outage(tracker.client)
-    part = run(cfg, tracker=tracker, stop_after_epochs=1)  # "crash" after epoch 1: the tracker is never finished
+    part = train(cfg, tracker=tracker, stop_after_epochs=1)  # "crash" after epoch 1: the tracker is never finished
     assert part["step"] == 16
     _, state = ck.load_latest(part["run_dir"])
     assert sorted({r[3] for r in state["extra"]["unlogged_metrics"]}) == [0, 4, 8, 12, 16]
     client = _client(cfg)
     assert client.get_metric_history(tracker.run_id, "train/loss") == []  # nothing reached the store
-    resumed = run(cfg_for(small_demo, tmp_path, "trainer.epochs=2", "resume=true"))
+    resumed = train(cfg_for(small_demo, tmp_path, "trainer.epochs=2", "resume=true"))
     assert resumed["run_id"] == tracker.run_id and resumed["step"] == 32
     assert _steps(client, tracker.run_id, "train/loss") == list(range(4, 33, 4))
     assert _steps(client, tracker.run_id, "val/acc") == [16, 32]
@@ -203,11 +203,11 @@ def test_crash_while_metrics_are_buffered_loses_nothing_on_resume(small_demo, tm
 def test_checkpoint_write_failure_is_named_and_the_previous_checkpoint_loads(small_demo, tmp_path, offline,
                                                                            monkeypatch, err):
     from harness import checkpoint as ck
+    from harness.recipe import train
     from harness.train_cmd import main as train_main
-    from harness.train_cmd import run
 
     cfg = cfg_for(small_demo, tmp_path, "trainer.epochs=2")
-    first = run(cfg, stop_after_epochs=1)  # epoch 1 of 2 done: checkpoint step-16
+    first = train(cfg, stop_after_epochs=1)  # epoch 1 of 2 done: checkpoint step-16
     run_dir = Path(first["run_dir"])
     before = {p: p.read_bytes() for p in (run_dir / "checkpoints").rglob("*") if p.is_file()}
     real_save = ck.torch.save
@@ -238,7 +238,7 @@ def test_checkpoint_write_failure_is_named_and_the_previous_checkpoint_loads(sma
     path, state = ck.load_latest(run_dir)
     assert path.name == "step-16" and state["step"] == 16
     # and a re-run once the disk is fixed resumes from it and finishes
-    assert run(cfg_for(small_demo, tmp_path, "trainer.epochs=2", "resume=true"))["step"] == 32
+    assert train(cfg_for(small_demo, tmp_path, "trainer.epochs=2", "resume=true"))["step"] == 32
 
 
 def test_fault_spec_is_validated(monkeypatch):

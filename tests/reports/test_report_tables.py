@@ -186,7 +186,7 @@ def test_table1_rows_and_collapsed_runs_are_flagged(tmp_path):
 
 
 def test_collapse_detector_fires_on_a_constant_predictor_only():
-    from harness.worker import pred_class_frac_max
+    from harness.engines import pred_class_frac_max
 
     assert pred_class_frac_max(torch.zeros(200, dtype=torch.long)) == 1.0
     learning = torch.tensor([0, 1] * 100)
