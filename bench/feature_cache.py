@@ -40,8 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     from mope_data import make_train_loader
 
     data = Path(args.data).resolve()
-    cfg = compose(["experiment=demo_mope", f"data.shard_dir={data}", f"vision.weights={data}/vision_encoder",
-                   f"trainer.batch_size={args.batch}", "trainer.num_workers=0"])
+    cfg = compose(
+        [
+            "experiment=demo_mope",
+            f"data.shard_dir={data}",
+            f"vision.weights={data}/vision_encoder",
+            f"trainer.batch_size={args.batch}",
+            "trainer.num_workers=0",
+        ]
+    )
     shard_dir = prepare_data(cfg)
     model = build_model(fusion_config(cfg))
     assert model.comp_is_blackbox
@@ -77,14 +84,28 @@ def main(argv: list[str] | None = None) -> int:
     med_c, med_n = statistics.median(t_cache), statistics.median(t_nocache)
     sweep_nocache = args.trials * args.steps * med_n
     sweep_cache = build_s + args.trials * args.steps * med_c
-    print(json.dumps({
-        "data": str(data), "batch": args.batch, "threads": args.threads, "steps_timed": len(batches),
-        "step_ms_cached": round(med_c * 1e3, 1), "step_ms_recomputed": round(med_n * 1e3, 1),
-        "step_speedup": round(med_n / med_c, 2), "cache_build_s_train_split": round(build_s, 1),
-        "projected_sweep_s": {"trials": args.trials, "steps_per_trial": args.steps,
-                              "without_cache": round(sweep_nocache, 1), "with_cache": round(sweep_cache, 1),
-                              "saving_frac": round(1 - sweep_cache / sweep_nocache, 3)},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "data": str(data),
+                "batch": args.batch,
+                "threads": args.threads,
+                "steps_timed": len(batches),
+                "step_ms_cached": round(med_c * 1e3, 1),
+                "step_ms_recomputed": round(med_n * 1e3, 1),
+                "step_speedup": round(med_n / med_c, 2),
+                "cache_build_s_train_split": round(build_s, 1),
+                "projected_sweep_s": {
+                    "trials": args.trials,
+                    "steps_per_trial": args.steps,
+                    "without_cache": round(sweep_nocache, 1),
+                    "with_cache": round(sweep_cache, 1),
+                    "saving_frac": round(1 - sweep_cache / sweep_nocache, 3),
+                },
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

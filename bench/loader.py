@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 
-
 def _cpu_s() -> float:
     import resource
 
@@ -38,8 +37,9 @@ def _cpu_s() -> float:
     return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
-def measure(data: str, *, workers: int, batch: int, epochs: int, shuffle_buffer: int | None = None,
-            extra: dict | None = None) -> dict:
+def measure(
+    data: str, *, workers: int, batch: int, epochs: int, shuffle_buffer: int | None = None, extra: dict | None = None
+) -> dict:
     import torch
 
     from mope_data import LoaderConfig, make_train_loader
@@ -85,12 +85,14 @@ def measure(data: str, *, workers: int, batch: int, epochs: int, shuffle_buffer:
     if "audio" in batch_:
         out["audio_samples_max"] = int(batch_["audio"].shape[1])
         out["audio_s_mean"] = round(float(batch_["audio_mask"].sum(1).float().mean()) / cfg.audio_sample_rate, 2)
-    out.update({
-        "cpu_count": os.cpu_count(),
-        "load_avg_1min": round(os.getloadavg()[0], 2),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    })
+    out.update(
+        {
+            "cpu_count": os.cpu_count(),
+            "load_avg_1min": round(os.getloadavg()[0], 2),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        }
+    )
     return out
 
 
@@ -101,26 +103,42 @@ def mustard_replica(a) -> int:
     side = int(a.replica_size)
     with tempfile.TemporaryDirectory(prefix="bench-mustard-") as tmp:
         t0 = time.perf_counter()
-        src = make_mustard_replica(Path(tmp) / "raw", n=a.mustard_replica, seconds=a.replica_seconds, fps=a.replica_fps,
-                                   size=(side * 3 // 2 // 2 * 2, side))
+        src = make_mustard_replica(
+            Path(tmp) / "raw",
+            n=a.mustard_replica,
+            seconds=a.replica_seconds,
+            fps=a.replica_fps,
+            size=(side * 3 // 2 // 2 * 2, side),
+        )
         replica_s = time.perf_counter() - t0
         for frames in (0, a.frames) if a.frames else (0,):
             out = Path(tmp) / f"shards-f{frames}"
             t0 = time.perf_counter()
-            summary = convert(src, out, shard_size=1000, skip_bad=False, expect_entries=0, frames=frames,
-                              frame_size=a.frame_size)
+            summary = convert(
+                src, out, shard_size=1000, skip_bad=False, expect_entries=0, frames=frames, frame_size=a.frame_size
+            )
             prep_s = time.perf_counter() - t0
             extra = {
                 "config": f"audio+frames={frames}" if frames else "audio",
-                "replica": {"clips": a.mustard_replica, "seconds": [a.replica_seconds, a.replica_seconds * 1.5],
-                            "wav_sr": 22050, "video": f"{side * 3 // 2 // 2 * 2}x{side}@{a.replica_fps}fps",
-                            "write_s": round(replica_s, 1)},
+                "replica": {
+                    "clips": a.mustard_replica,
+                    "seconds": [a.replica_seconds, a.replica_seconds * 1.5],
+                    "wav_sr": 22050,
+                    "video": f"{side * 3 // 2 // 2 * 2}x{side}@{a.replica_fps}fps",
+                    "write_s": round(replica_s, 1),
+                },
                 "prep_s": round(prep_s, 1),
                 "prep_samples": sum(summary["splits"].values()),  # train + test + val (= test)
                 "frame_size": a.frame_size if frames else None,
             }
-            res = measure(str(out), workers=a.workers, batch=a.batch, epochs=a.epochs,
-                          shuffle_buffer=a.shuffle_buffer, extra=extra)
+            res = measure(
+                str(out),
+                workers=a.workers,
+                batch=a.batch,
+                epochs=a.epochs,
+                shuffle_buffer=a.shuffle_buffer,
+                extra=extra,
+            )
             print(json.dumps(res), flush=True)
     return 0
 
@@ -132,12 +150,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--build", action="store_true", help="build the demo first if it is missing")
-    ap.add_argument("--shuffle-buffer", type=int, default=None,
-                    help="LoaderConfig.shuffle_buffer (default: its default, 1000). The main-process buffer fills to "
-                    "100 samples before the first batch, then takes two samples per sample out until full, so an "
-                    "epoch shorter than the buffer processes up to ~2x its samples")
-    ap.add_argument("--mustard-replica", type=int, default=0, metavar="N",
-                    help="build a synthetic MUStARD replica of N clips, prep it, measure (ignores --data)")
+    ap.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=None,
+        help="LoaderConfig.shuffle_buffer (default: its default, 1000). The main-process buffer fills to "
+        "100 samples before the first batch, then takes two samples per sample out until full, so an "
+        "epoch shorter than the buffer processes up to ~2x its samples",
+    )
+    ap.add_argument(
+        "--mustard-replica",
+        type=int,
+        default=0,
+        metavar="N",
+        help="build a synthetic MUStARD replica of N clips, prep it, measure (ignores --data)",
+    )
     ap.add_argument("--frames", type=int, default=8, help="with --mustard-replica: frames per clip (0: audio only)")
     ap.add_argument("--frame-size", type=int, default=224)
     ap.add_argument("--replica-seconds", type=float, default=4.0, help="clip length (x1, x1.25, x1.5 by entry)")
@@ -152,11 +179,14 @@ def main(argv: list[str] | None = None) -> int:
 
         ensure_demo(a.data)
     if not os.path.isfile(os.path.join(a.data, "train", "manifest.json")):
-        print(f"{a.data}: no shards; run `harness prep demo --out {a.data}` (or pass --build for the demo)",
-              file=sys.stderr)
+        print(
+            f"{a.data}: no shards; run `harness prep demo --out {a.data}` (or pass --build for the demo)",
+            file=sys.stderr,
+        )
         return 2
-    print(json.dumps(measure(a.data, workers=a.workers, batch=a.batch, epochs=a.epochs,
-                             shuffle_buffer=a.shuffle_buffer)))
+    print(
+        json.dumps(measure(a.data, workers=a.workers, batch=a.batch, epochs=a.epochs, shuffle_buffer=a.shuffle_buffer))
+    )
     return 0
 
 

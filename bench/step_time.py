@@ -26,7 +26,6 @@ import warnings
 
 import torch
 
-
 from mope import EncoderConfig, FusionConfig, MoPEConfig, build_model  # noqa: E402
 
 BACKBONES = {
@@ -34,14 +33,19 @@ BACKBONES = {
     "vit_s16": (EncoderConfig(kind="timm_vit", name="vit_small_patch16_224"), 224),
     "swin_t": (EncoderConfig(kind="timm_swin", name="swin_tiny_patch4_window7_224"), 224),
     "demo_vit": (
-        EncoderConfig(kind="timm_vit", name="vit_tiny_patch16_224",
-                      kwargs=dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4)),
+        EncoderConfig(
+            kind="timm_vit",
+            name="vit_tiny_patch16_224",
+            kwargs=dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4),
+        ),
         64,
     ),
 }
-TEXT = EncoderConfig(kind="hf_bert", name="bert-base-uncased",
-                     kwargs=dict(hidden_size=384, num_hidden_layers=1, num_attention_heads=6, intermediate_size=64,
-                                 vocab_size=128))
+TEXT = EncoderConfig(
+    kind="hf_bert",
+    name="bert-base-uncased",
+    kwargs=dict(hidden_size=384, num_hidden_layers=1, num_attention_heads=6, intermediate_size=64, vocab_size=128),
+)
 
 
 def arms(l: int = 6) -> dict[str, tuple[str, dict]]:
@@ -129,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "ms_median": {n: round(v, 2) for n, v in med.items()},
         "attention_prompt_tokens": {n: (13 if n.startswith("mope") else opts_of[n]["vanilla"]) for n in med},
         "ratios": {
-            "mope_vs_vanilla_same_len": {
-                k: round(med[f"mope_k{k}"] / med["vanilla_L13"], 3) for k in (2, 4, 16, 64)
-            },
+            "mope_vs_vanilla_same_len": {k: round(med[f"mope_k{k}"] / med["vanilla_L13"], 3) for k in (2, 4, 16, 64)},
             "k64_over_k2": round(med["mope_k64"] / med["mope_k2"], 3),
             "L199_over_L19": round(med["vanilla_L199"] / med["vanilla_L19"], 3),
         },

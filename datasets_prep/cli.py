@@ -14,8 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from .registry import get_converter, list_datasets
 from mope_data.format import ShardFormatError
+
+from .registry import get_converter, list_datasets
 
 DATASET_OPTIONS = """\
 dataset options (--opt key=value, repeatable; values true/false/ints are converted):
@@ -149,20 +150,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. --out not writable, disk full
-        print(f"error: {e.filename or args.out}: {e.strerror or e}; check --out / free space, then re-run",
-              file=sys.stderr)
+        print(
+            f"error: {e.filename or args.out}: {e.strerror or e}; check --out / free space, then re-run",
+            file=sys.stderr,
+        )
         return 2
     for split, w in _split_field(args.out.resolve(), summary, "skipped").items():
         reasons = "; ".join(f"{n} x {r}" for r, n in w["by_reason"].items())
-        print(f"skipped (--skip-bad): {args.dataset}/{split}: {reasons}; first: {w['examples'][:1]} "
-              f"(all counted in {split}/manifest.json 'skipped')", file=sys.stderr)
+        print(
+            f"skipped (--skip-bad): {args.dataset}/{split}: {reasons}; first: {w['examples'][:1]} "
+            f"(all counted in {split}/manifest.json 'skipped')",
+            file=sys.stderr,
+        )
     warnings = _split_field(args.out.resolve(), summary, "warnings")
     if warnings:
         summary["warnings"] = warnings
         for split, w in warnings.items():
             reasons = "; ".join(f"{n} x {r}" for r, n in w["by_reason"].items())
-            print(f"warning: {args.dataset}/{split}: {reasons} (see {split}/manifest.json 'warnings')",
-                  file=sys.stderr)
+            print(
+                f"warning: {args.dataset}/{split}: {reasons} (see {split}/manifest.json 'warnings')", file=sys.stderr
+            )
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     print(f"done in {time.monotonic() - t0:.1f}s; check with: harness prep --verify {args.out}", file=sys.stderr)
     return 0

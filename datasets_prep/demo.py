@@ -121,7 +121,29 @@ DIGIT = 8  # digit side: the native 8x8 scans, placed at a random offset 0..CELL
 # bench/step_time.py (MoPE k=4, batch 32, 1 thread): 193 vs 286 ms per step.
 CELL_NAMES = ("top left", "top right", "bottom left", "bottom right")  # row-major
 LINES = {"top row": (0, 1), "bottom row": (2, 3), "left column": (0, 2), "right column": (1, 3)}
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
+WORDS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
+]
 _TENS = {20: "twenty", 30: "thirty"}
 
 
@@ -149,7 +171,9 @@ class DemoConfig:
     # same budget (0.52 after 6 epochs); "all" is the harder variant (late-fusion MLP ~74%).
     templates: str = DEFAULT_TEMPLATES
     template_weights: tuple[float, ...] | None = None  # per TEMPLATES entry; overrides `templates` when given
-    min_shards: int = MIN_SHARDS  # per split (shard size lowered accordingly; streaming needs shards >> ranks x workers)
+    min_shards: int = (
+        MIN_SHARDS  # per split (shard size lowered accordingly; streaming needs shards >> ranks x workers)
+    )
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def __post_init__(self) -> None:
@@ -172,8 +196,10 @@ def template_weights_for(templates: str) -> tuple[float, ...]:
         return tuple(1.0 for _ in names)
     bad = [t for t in chosen if t not in TEMPLATES]
     if bad or not chosen:
-        raise PrepError(f"demo option templates={templates!r}: unknown template(s) {bad}; use 'all' or a comma-separated "
-                        f"subset of {names}")
+        raise PrepError(
+            f"demo option templates={templates!r}: unknown template(s) {bad}; use 'all' or a comma-separated "
+            f"subset of {names}"
+        )
     return tuple(1.0 if t in chosen else 0.0 for t in names)
 
 
@@ -273,9 +299,13 @@ class SourceDigits:
         raw = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # (1797, 8, 8)
         self.raw = raw
         self.labels = d.target.astype(np.int64)
-        self.big = raw if DIGIT == raw.shape[1] else np.stack(
-            [np.asarray(Image.fromarray(im, "L").resize((DIGIT, DIGIT), Image.BILINEAR)) for im in raw]
-        ).astype(np.uint8)
+        self.big = (
+            raw
+            if DIGIT == raw.shape[1]
+            else np.stack(
+                [np.asarray(Image.fromarray(im, "L").resize((DIGIT, DIGIT), Image.BILINEAR)) for im in raw]
+            ).astype(np.uint8)
+        )
         self.pools = split_source_digits(self.labels, seed, fractions)
         # pool per split per class
         self.by_class = {s: [idx[self.labels[idx] == c] for c in range(10)] for s, idx in self.pools.items()}
@@ -408,8 +438,9 @@ def _config_fingerprint(cfg: DemoConfig, shard_size: int) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def build_demo(out: Path, cfg: DemoConfig = DemoConfig(), *, shard_size: int = DEFAULT_SHARD_SIZE,
-               verbose: bool = True) -> dict:
+def build_demo(
+    out: Path, cfg: DemoConfig = DemoConfig(), *, shard_size: int = DEFAULT_SHARD_SIZE, verbose: bool = True
+) -> dict:
     """Build the whole demo (shards of the three splits + vision encoder) into ``out``, atomically.
 
     Everything is written into a hidden sibling temp directory and renamed to ``out`` at the end; an existing ``out``
@@ -481,8 +512,12 @@ def _pair_records(split: str, pairs: list[dict], pngs: list[bytes], src_idx: np.
         st = stmts[p["statement"]]
         key = sanitize_key(f"demo-{split}-{i:06d}")
         meta = {
-            "id": key, "label": int(p["label"]), "template": st.template, "difficulty": st.difficulty,
-            "statement_id": st.id, "image_id": f"{split}-img-{p['image']:06d}",
+            "id": key,
+            "label": int(p["label"]),
+            "template": st.template,
+            "difficulty": st.difficulty,
+            "statement_id": st.id,
+            "image_id": f"{split}-img-{p['image']:06d}",
             "digits": [int(x) for x in p["digits"]],
             "source_indices": [int(x) for x in src_idx[p["image"]]],
         }
@@ -510,12 +545,26 @@ def _build_into(out: Path, cfg: DemoConfig, *, shard_size: int, verbose: bool) -
             train_pixels.append(images)
         n = len(pairs)
         write_split(
-            out, split,
-            SplitPlan(range(n), extra={"demo": {"images": n_img, "source_digits": len(src.pools[split]),
-                                                "seed": cfg.seed, "image_size": IMG}}),
+            out,
+            split,
+            SplitPlan(
+                range(n),
+                extra={
+                    "demo": {
+                        "images": n_img,
+                        "source_digits": len(src.pools[split]),
+                        "seed": cfg.seed,
+                        "image_size": IMG,
+                    }
+                },
+            ),
             _pair_records(split, pairs, [_png(im) for im in images], src_idx),
             spec=DatasetSpec(DATASET, "single_label", LABELS, CONVERTER_VERSION, source_checksum=src.sha256(split)),
-            shard_size=shard_size, min_shards=cfg.min_shards, skip_bad=False, seed=None, show_progress=verbose,
+            shard_size=shard_size,
+            min_shards=cfg.min_shards,
+            skip_bad=False,
+            seed=None,
+            show_progress=verbose,
         )  # the pairs are in random order already
         counts[split] = n
     data_seconds = time.monotonic() - t0
@@ -524,11 +573,21 @@ def _build_into(out: Path, cfg: DemoConfig, *, shard_size: int, verbose: bool) -
     if verbose:
         log(f"shards written in {data_seconds:.1f}s ({counts}); train pixel mean {mean:.4f} std {std:.4f}")
     enc = pretrain_encoder(
-        sample_pretext_grids(src), mean=mean, std=std, cfg=cfg.pretrain, out_dir=out / "vision_encoder",
-        train_images_sha256=src.sha256("train"), verbose=verbose,
+        sample_pretext_grids(src),
+        mean=mean,
+        std=std,
+        cfg=cfg.pretrain,
+        out_dir=out / "vision_encoder",
+        train_images_sha256=src.sha256("train"),
+        verbose=verbose,
     )
     write_dataset_info(
-        out, dataset=DATASET, task="single_label", labels=LABELS, splits=counts, converter_version=CONVERTER_VERSION,
+        out,
+        dataset=DATASET,
+        task="single_label",
+        labels=LABELS,
+        splits=counts,
+        converter_version=CONVERTER_VERSION,
         extra={
             "description": "DigitGrid-VE: visual entailment over 2x2 grids of real UCI handwritten digits "
             "(datasets_prep/demo.py); text-only and image-only baselines are at chance by construction",
@@ -544,7 +603,10 @@ def _build_into(out: Path, cfg: DemoConfig, *, shard_size: int, verbose: bool) -
         },
     )
     return {
-        "dataset": DATASET, "splits": counts, "image_size": IMG, "num_statements": len(stmts),
+        "dataset": DATASET,
+        "splits": counts,
+        "image_size": IMG,
+        "num_statements": len(stmts),
         "data_seconds": round(data_seconds, 1),
         "pretext_val_cell_accuracy": enc["pretext"]["val_cell_accuracy"],
         "pretext_val_grid_accuracy": enc["pretext"]["val_grid_accuracy"],
@@ -559,7 +621,9 @@ def _config_from_options(options: dict) -> DemoConfig:
         raise PrepError(f"max_image_side does not apply to the demo (its images are {IMG}x{IMG})")
     bad = sorted(set(options) - pre_keys - demo_keys - {"verbose"})
     if bad:
-        raise PrepError(f"unknown demo options {bad}; demo options: {sorted(demo_keys)}, pretraining: {sorted(pre_keys)}")
+        raise PrepError(
+            f"unknown demo options {bad}; demo options: {sorted(demo_keys)}, pretraining: {sorted(pre_keys)}"
+        )
     pre = replace(PretrainConfig(), **{k: v for k, v in options.items() if k in pre_keys and k != "seed"})
     kw = {k: v for k, v in options.items() if k in demo_keys}
     if "seed" in options:
@@ -568,8 +632,9 @@ def _config_from_options(options: dict) -> DemoConfig:
 
 
 @register_dataset("demo")
-def convert(src: Path | None, out: Path, *, shard_size: int = DEFAULT_SHARD_SIZE, skip_bad: bool = False,
-            **options) -> dict:
+def convert(
+    src: Path | None, out: Path, *, shard_size: int = DEFAULT_SHARD_SIZE, skip_bad: bool = False, **options
+) -> dict:
     """``harness prep demo --out DIR``: build the demo dataset and its vision encoder (``src`` is ignored: the data
     ships inside scikit-learn). ``options`` override :class:`DemoConfig` / :class:`PretrainConfig` fields (``seed``
     sets both), e.g. ``train_pairs=800, epochs=1`` for a small test build."""
@@ -578,8 +643,9 @@ def convert(src: Path | None, out: Path, *, shard_size: int = DEFAULT_SHARD_SIZE
     return build_demo(Path(out), cfg, shard_size=shard_size, verbose=verbose)
 
 
-def is_complete(out: Path, cfg: DemoConfig = DemoConfig(), *, shard_size: int = DEFAULT_SHARD_SIZE,
-                check_hashes: bool = True) -> bool:
+def is_complete(
+    out: Path, cfg: DemoConfig = DemoConfig(), *, shard_size: int = DEFAULT_SHARD_SIZE, check_hashes: bool = True
+) -> bool:
     """True when ``out`` holds a finished demo build of this converter version and configuration (every split's
     manifest, every shard with its sha256, the encoder weights and config)."""
     out = Path(out)

@@ -159,8 +159,16 @@ def fewshot_main(argv: list[str] | None = None) -> int:
         return 2
     for p in paths:
         doc = json.loads(p.read_text(encoding="utf-8"))
-        print(json.dumps({"path": str(p), "shots": doc["shots"], "strategy": doc["strategy"],
-                          "class_histogram": doc["class_histogram"]}))
+        print(
+            json.dumps(
+                {
+                    "path": str(p),
+                    "shots": doc["shots"],
+                    "strategy": doc["strategy"],
+                    "class_histogram": doc["class_histogram"],
+                }
+            )
+        )
     return 0
 
 

@@ -241,8 +241,9 @@ def convert(
         labels = read_labels_file(src / "labels.txt")
     else:
         labels = list(MOPE_LABELS)
-    raw = MmimdbRaw(src / "dataset", labels, set(option_list(drop_genres)), set(option_list(remove_genres)),
-                    max_image_side)
+    raw = MmimdbRaw(
+        src / "dataset", labels, set(option_list(drop_genres)), set(option_list(remove_genres)), max_image_side
+    )
     seed = int(seed)
     common = {"drop_genres": sorted(raw.drop), "remove_genres": sorted(raw.remove)}
     plans: dict[str, SplitPlan[dict]] = {}
@@ -255,8 +256,13 @@ def convert(
     dropped = dict(sorted(raw.drops.items()))
     return write_dataset(
         out,
-        DatasetSpec(DATASET, "multi_label", labels, CONVERTER_VERSION,
-                    source_checksum=source_fingerprint(checksum_files, src, raw.media)),
+        DatasetSpec(
+            DATASET,
+            "multi_label",
+            labels,
+            CONVERTER_VERSION,
+            source_checksum=source_fingerprint(checksum_files, src, raw.media),
+        ),
         plans,
         raw.record,
         where=_where,

@@ -166,12 +166,14 @@ def load_video_frames(path: Path, frames: int, size: int = 224, key: str = "") -
     errors = (av.error.FFmpegError, OSError, ValueError, EOFError)
 
     def undecodable(e: BaseException) -> PrepError:
-        return PrepError(f"undecodable video {path}{who} ({type(e).__name__}: {e}); {VIDEO_FIX}",
-                         reason="undecodable video")
+        return PrepError(
+            f"undecodable video {path}{who} ({type(e).__name__}: {e}); {VIDEO_FIX}", reason="undecodable video"
+        )
 
     def no_frames() -> PrepError:  # also a video track without samples: the mp4 demuxer drops it
-        return PrepError(f"empty video {path}{who}: no video stream or no decodable frame; {VIDEO_FIX}",
-                         reason="empty video")
+        return PrepError(
+            f"empty video {path}{who}: no video stream or no decodable frame; {VIDEO_FIX}", reason="empty video"
+        )
 
     def decode(want: set[int]) -> tuple[int, dict[int, bytes]]:
         got: dict[int, bytes] = {}
@@ -199,8 +201,10 @@ def load_video_frames(path: Path, frames: int, size: int = 224, key: str = "") -
         if not set(picks) <= set(got):  # decoded count != packet count (rare): decode again with the right picks
             n2, got = decode(set(picks))
             if n2 != n:
-                raise PrepError(f"undecodable video {path}{who}: {n} then {n2} frames decoded; {VIDEO_FIX}",
-                                reason="undecodable video")
+                raise PrepError(
+                    f"undecodable video {path}{who}: {n} then {n2} frames decoded; {VIDEO_FIX}",
+                    reason="undecodable video",
+                )
     except PrepError:
         raise
     except errors as e:

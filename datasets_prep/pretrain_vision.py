@@ -129,6 +129,7 @@ def pretrain_encoder(
             def cell_logits(tokens):  # (B, prefix + grid*grid, D) -> (B*4, 10): mean patch token per cell
                 p = tokens[:, npfx:].reshape(-1, 2, grid // 2, 2, grid // 2, cfg.embed_dim).mean(dim=(2, 4))
                 return cell_head(p.reshape(-1, cfg.embed_dim))
+
             decay = [p for p in params if p.ndim >= 2]
             no_decay = [p for p in params if p.ndim < 2]
             opt = torch.optim.AdamW(
@@ -240,8 +241,10 @@ def pretrain_encoder(
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, out_dir / "config.json")
     if verbose:
-        log(f"encoder pretraining done in {train_seconds:.0f}s ({time.monotonic() - t_start:.0f}s with set-up); "
-            f"pretext val cell accuracy {final.get('val_cell_accuracy')}, all-4-cells {final.get('val_grid_accuracy')}")
+        log(
+            f"encoder pretraining done in {train_seconds:.0f}s ({time.monotonic() - t_start:.0f}s with set-up); "
+            f"pretext val cell accuracy {final.get('val_cell_accuracy')}, all-4-cells {final.get('val_grid_accuracy')}"
+        )
     return config
 
 

@@ -52,9 +52,7 @@ def refuse_unknown_options(name: str, fn: Callable[..., dict]) -> Callable[..., 
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return fn
-    accepted = [
-        n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in CLI_PARAMETERS
-    ]
+    accepted = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in CLI_PARAMETERS]
 
     @functools.wraps(fn)
     def convert(*args, **kwargs) -> dict:

@@ -129,7 +129,9 @@ def write_mustard_media(
 
     root = Path(root)
     n_frames = max(1, round(seconds * fps))
-    fdir = root / "utterances_final" / "processed" if frames_dir is True else (Path(frames_dir) if frames_dir else None)
+    fdir = (
+        root / "utterances_final" / "processed" if frames_dir is True else (Path(frames_dir) if frames_dir else None)
+    )
     for key in keys:
         if wav:
             write_wav(root / "utterances_final" / f"{key}.wav", seconds=seconds, sr=sr, freq=mustard_freq(key))
@@ -163,7 +165,9 @@ def mustard_annotations(n: int = 24, seed: int = 0) -> dict[str, dict]:
         used.add(k)
         key = f"{1 if show == 'BBT' else 2}_{k}"
         spk = rng.choice(["SHELDON", "CHANDLER", "PERSON", "DOROTHY", "MODERATOR"])
-        ctx = [f"Context line {j} of {i}." + ("\nsecond line" if j == 0 and i % 3 == 0 else "") for j in range(1 + i % 3)]
+        ctx = [
+            f"Context line {j} of {i}." + ("\nsecond line" if j == 0 and i % 3 == 0 else "") for j in range(1 + i % 3)
+        ]
         data[key] = {
             "utterance": f"Utterance {i}:  I don\u00d5t know{'...' if i % 4 == 0 else '.'}",
             "speaker": spk,
@@ -195,6 +199,14 @@ def make_mustard_replica(
     data = mustard_annotations(n, seed)
     (root / "sarcasm_data.json").write_text(json.dumps(data, indent=4), encoding="utf-8")  # no final newline: real
     for j, key in enumerate(data):
-        write_mustard_media(root, [key], wav=wav, mp4=mp4, seconds=seconds * (1 + 0.25 * (j % 3)), fps=fps,
-                            size=size, frames_dir=frames_dir)
+        write_mustard_media(
+            root,
+            [key],
+            wav=wav,
+            mp4=mp4,
+            seconds=seconds * (1 + 0.25 * (j % 3)),
+            fps=fps,
+            size=size,
+            frames_dir=frames_dir,
+        )
     return root

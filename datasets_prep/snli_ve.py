@@ -174,8 +174,7 @@ class SnliImages:
     def record(self, r: dict) -> Record:
         """Pair -> sample: image, hypothesis text, ``{"id": pairID, "label", "image_id", "premise"}``."""
         ext, img = self.load(r["image_id"])
-        meta = {"id": r["pairID"], "label": LABEL_IDX[r["label"]], "image_id": r["image_id"],
-                "premise": r["premise"]}
+        meta = {"id": r["pairID"], "label": LABEL_IDX[r["label"]], "image_id": r["image_id"], "premise": r["premise"]}
         return Record(sanitize_key(r["pairID"]), {ext: img, "txt": r["text"]}, meta)
 
 

@@ -12,12 +12,19 @@ from __future__ import annotations
 import html
 import re
 
-__all__ = ["MMBT_PUNCTUATION", "clean_title", "decode_text_bytes", "decode_text_bytes_info", "mmbt_clean", "normalize_space"]
+__all__ = [
+    "MMBT_PUNCTUATION",
+    "clean_title",
+    "decode_text_bytes",
+    "decode_text_bytes_info",
+    "mmbt_clean",
+    "normalize_space",
+]
 
 # MMBT scripts/food_101.py: angle brackets, slashes, + = - _, brackets and braces, quotes, ; : . , parentheses,
 # * & ^ % $ # @ ! ~ and the backtick.
 MMBT_PUNCTUATION = "<>/\\+=-_[]{}'\";:.,()*&^%$#@!~`"
-_MMBT_TABLE = str.maketrans({c: " " for c in MMBT_PUNCTUATION})
+_MMBT_TABLE = str.maketrans(dict.fromkeys(MMBT_PUNCTUATION, " "))
 _WS = re.compile(r"\s+")
 
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mope_data.format import (
-    MANIFEST,
     AUDIO_EXTS,
     IMAGE_EXTS,
+    MANIFEST,
     MODALITY_EXTS,
     ShardFormatError,
     iter_tar_samples,
@@ -57,9 +57,7 @@ def find_split_dirs(root: Path) -> list[Path]:
     root = Path(root)
     if (root / MANIFEST).is_file():
         return [root]
-    return sorted(
-        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()
-    )
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file())
 
 
 def _check_image(data: bytes) -> str | None:
@@ -212,14 +210,18 @@ def verify(root: Path, *, decode: bool = True) -> VerifyReport:
     rep = VerifyReport()
     if not root.is_dir():
         rep.problems.append(f"{root}: not a directory")
-        rep.fix = ("give --verify the --out directory of a conversion (`harness prep DATASET --src RAW_DIR --out "
-                   "SHARD_DIR`), or run that conversion first")
+        rep.fix = (
+            "give --verify the --out directory of a conversion (`harness prep DATASET --src RAW_DIR --out "
+            "SHARD_DIR`), or run that conversion first"
+        )
         return rep
     dirs = find_split_dirs(root)
     if not dirs:
         rep.problems.append(f"{root}: no split directory with a manifest.json found")
-        rep.fix = (f"convert into it first (`harness prep DATASET --src RAW_DIR --out {root}`), or give --verify "
-                   "the directory that holds the split folders (train/, val/, test/)")
+        rep.fix = (
+            f"convert into it first (`harness prep DATASET --src RAW_DIR --out {root}`), or give --verify "
+            "the directory that holds the split folders (train/, val/, test/)"
+        )
         return rep
     out_root = root.parent if dirs == [root] else root
     dataset = "DATASET"
@@ -227,9 +229,11 @@ def verify(root: Path, *, decode: bool = True) -> VerifyReport:
         dataset = str(read_manifest(dirs[0]).get("dataset") or dataset)
     except ShardFormatError:
         pass
-    rep.fix = (f"the shards are damaged, incomplete or stale: re-run the conversion `harness prep {dataset} --src "
-               f"RAW_DIR --out {out_root}` (it replaces each split atomically; the demo: `harness prep demo --out "
-               f"{out_root}`), then `harness prep --verify {root}` again")
+    rep.fix = (
+        f"the shards are damaged, incomplete or stale: re-run the conversion `harness prep {dataset} --src "
+        f"RAW_DIR --out {out_root}` (it replaces each split atomically; the demo: `harness prep demo --out "
+        f"{out_root}`), then `harness prep --verify {root}` again"
+    )
     for d in dirs:
         n, k, probs = verify_split(d, decode=decode)
         rep.splits[str(d)] = {"num_samples": n, "shards": k}

@@ -730,8 +730,18 @@ def write_dataset(
     out = Path(out)
     summary: dict = {"dataset": spec.dataset, "out": str(out), "splits": {}, "skipped": {}, **(summary_extra or {})}
     for split, plan in splits.items():
-        w = write_split(out, split, plan, record, spec=spec, shard_size=shard_size, min_shards=min_shards,
-                        skip_bad=skip_bad, seed=seed, where=where)
+        w = write_split(
+            out,
+            split,
+            plan,
+            record,
+            spec=spec,
+            shard_size=shard_size,
+            min_shards=min_shards,
+            skip_bad=skip_bad,
+            seed=seed,
+            where=where,
+        )
         summary["splits"][split] = w.num_samples
         summary["skipped"][split] = w.skipped
     write_dataset_info(

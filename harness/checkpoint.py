@@ -375,12 +375,16 @@ def save_engine(
         str(ckpt_dir), tag=tag, client_state=dict(client_state or {}), exclude_frozen_parameters=True
     )
     _barrier()  # every rank's shard is on disk before rank 0 hashes them
-    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    rank = (
+        torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    )
     if rank == 0:
         import json
 
         tdir = ckpt_dir / _engine_tag(ckpt_dir, tag)
-        digests = {f.name: sha256_file(f) for f in sorted(tdir.iterdir()) if f.is_file() and f.name != ENGINE_DIGESTS_FILE}
+        digests = {
+            f.name: sha256_file(f) for f in sorted(tdir.iterdir()) if f.is_file() and f.name != ENGINE_DIGESTS_FILE
+        }
         tmp = tdir / f".{ENGINE_DIGESTS_FILE}.tmp"
         tmp.write_text(json.dumps({"format": "mope-deepspeed-digests", "sha256": digests}, indent=1))
         os.replace(tmp, tdir / ENGINE_DIGESTS_FILE)
@@ -399,8 +403,10 @@ def verify_engine_checkpoint(ckpt_dir: str | Path, *, tag: str | None = None) ->
     ckpt_dir = Path(ckpt_dir)
     tdir = ckpt_dir / _engine_tag(ckpt_dir, tag)
     manifest = tdir / ENGINE_DIGESTS_FILE
-    fix = (f"delete {tdir} (and 'latest' in {ckpt_dir}) and resume from an earlier checkpoint, or re-run the trial "
-           "from scratch")
+    fix = (
+        f"delete {tdir} (and 'latest' in {ckpt_dir}) and resume from an earlier checkpoint, or re-run the trial "
+        "from scratch"
+    )
     if not manifest.is_file():
         raise CheckpointError(
             f"{tdir} has no {ENGINE_DIGESTS_FILE}: it was not written by harness.checkpoint.save_engine, and DeepSpeed "
@@ -415,16 +421,21 @@ def verify_engine_checkpoint(ckpt_dir: str | Path, *, tag: str | None = None) ->
     unlisted = sorted(present - set(digests))
     if unlisted:
         name = unlisted[0]
-        raise CheckpointError(f"{tdir / name} is not part of the checkpoint written by this harness (not in "
-                              f"{ENGINE_DIGESTS_FILE}); refused without reading it. Fix: remove the file, or {fix}")
+        raise CheckpointError(
+            f"{tdir / name} is not part of the checkpoint written by this harness (not in "
+            f"{ENGINE_DIGESTS_FILE}); refused without reading it. Fix: remove the file, or {fix}"
+        )
     for name, digest in sorted(digests.items()):
         f = tdir / name
         if not f.is_file():
-            raise CheckpointError(f"{f} is missing from the DeepSpeed checkpoint (listed in {ENGINE_DIGESTS_FILE}). "
-                                  f"Fix: {fix}")
+            raise CheckpointError(
+                f"{f} is missing from the DeepSpeed checkpoint (listed in {ENGINE_DIGESTS_FILE}). Fix: {fix}"
+            )
         if sha256_file(f) != digest:
-            raise CheckpointError(f"{f} does not match the SHA-256 recorded when it was saved (modified or planted "
-                                  f"file); refused without unpickling it. Fix: {fix}")
+            raise CheckpointError(
+                f"{f} does not match the SHA-256 recorded when it was saved (modified or planted "
+                f"file); refused without unpickling it. Fix: {fix}"
+            )
     return tdir
 
 

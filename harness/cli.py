@@ -1,12 +1,12 @@
 """`harness` command line: one entry point, subcommands dispatched to their modules.
 
-    harness inspect --preset paper/mope_swin_b_k4 [--json]
-    harness prep DATASET --src RAW_DIR --out SHARD_DIR      (converters: food101, mmimdb, snli_ve, mustard, demo)
-    harness prep --verify SHARD_DIR
-    harness prep --fewshot SHARD_DIR --shots 100,1000 --seed 0
-    harness sweep SPEC.yaml [overrides...] [--dry-run]
-    harness validate SPEC.yaml [overrides...]            (every trial of a sweep spec)
-    harness report --sweep NAME [--out DIR]              (figures, tables, claims of a sweep, from MLflow)
+harness inspect --preset paper/mope_swin_b_k4 [--json]
+harness prep DATASET --src RAW_DIR --out SHARD_DIR      (converters: food101, mmimdb, snli_ve, mustard, demo)
+harness prep --verify SHARD_DIR
+harness prep --fewshot SHARD_DIR --shots 100,1000 --seed 0
+harness sweep SPEC.yaml [overrides...] [--dry-run]
+harness validate SPEC.yaml [overrides...]            (every trial of a sweep spec)
+harness report --sweep NAME [--out DIR]              (figures, tables, claims of a sweep, from MLflow)
 """
 
 from __future__ import annotations

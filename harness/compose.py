@@ -169,8 +169,11 @@ def check_fields(cls: type, values: dict[str, Any], owner: str, *, skip: tuple[s
             f = fields[k]
             default = f.default if f.default is not dataclasses.MISSING else None
             default = getattr(default, "value", default)
-            example = "" if default is None and f.default is dataclasses.MISSING else (
-                f"; e.g. {owner}.{k}={_hydra_text(default)} (the default)")
+            example = (
+                ""
+                if default is None and f.default is dataclasses.MISSING
+                else (f"; e.g. {owner}.{k}={_hydra_text(default)} (the default)")
+            )
             raise ConfigValidationError(
                 f"{owner}.{k}={v!r} has the wrong type: expected {_describe(tp)}, got {type(v).__name__}{example}"
             )
@@ -225,12 +228,16 @@ def _compose_error(msg: str, overrides: list[str], config_name: str) -> str:
         known = _known_keys([o for o in overrides if o not in bad], config_name)
         close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(close)}?" if close else "no similar key exists"
-        return (f"unknown configuration key {key!r} in override {bad[0] if bad else key!r} ({hint}); fix the key "
-                f"(the fields are in harness/configs/train.yaml and its groups)")
+        return (
+            f"unknown configuration key {key!r} in override {bad[0] if bad else key!r} ({hint}); fix the key "
+            f"(the fields are in harness/configs/train.yaml and its groups)"
+        )
     m = re.search(r"Could not find '([^'/]+)/([^']+)'", msg)
     if m:
-        return (f"{m.group(1)}={m.group(2)}: no such option of the {m.group(1)!r} group; use one of the options "
-                f"listed below (harness/configs/{m.group(1)}/)\n{msg}")
+        return (
+            f"{m.group(1)}={m.group(2)}: no such option of the {m.group(1)!r} group; use one of the options "
+            f"listed below (harness/configs/{m.group(1)}/)\n{msg}"
+        )
     return f"cannot compose configuration from overrides {overrides}: {msg}"
 
 
@@ -248,8 +255,9 @@ def fusion_config(cfg: dict[str, Any]) -> FusionConfig:
     check_fields(MoPEConfig, dict(cfg["mope"]), "mope")
     nc = cfg["data"]["num_classes"]
     if isinstance(nc, bool) or not isinstance(nc, int):
-        raise ConfigValidationError(f"data.num_classes={nc!r} has the wrong type: expected an integer, got "
-                                    f"{type(nc).__name__}")
+        raise ConfigValidationError(
+            f"data.num_classes={nc!r} has the wrong type: expected an integer, got {type(nc).__name__}"
+        )
     if not isinstance(cfg["method"].get("name"), str):
         raise ConfigValidationError(f"method.name={cfg['method'].get('name')!r} must be a method name (method=...)")
     return FusionConfig(
@@ -284,7 +292,9 @@ def validate(cfg: dict[str, Any], *, check_paths: bool = True) -> FusionConfig:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             hint = " or null (= the modality's lr)" if key.startswith("lr_encoder") else ""
-            raise ConfigValidationError(f"trainer.{key}={v!r} must be a positive number{hint}, e.g. trainer.{key}=1e-4")
+            raise ConfigValidationError(
+                f"trainer.{key}={v!r} must be a positive number{hint}, e.g. trainer.{key}=1e-4"
+            )
     if tr["precision"] not in ("fp32", "bf16", "fp16"):
         raise ConfigValidationError(f"trainer.precision={tr['precision']!r}: allowed values fp32, bf16, fp16")
     if sorted(tr["milestones"]) != list(tr["milestones"]):
@@ -293,7 +303,9 @@ def validate(cfg: dict[str, Any], *, check_paths: bool = True) -> FusionConfig:
         raise ConfigValidationError("deepspeed.zero_stage must be <= 2 (ZeRO-3 partitions the frozen encoders)")
     shots = cfg["data"].get("shots")
     if shots is not None and (not isinstance(shots, int) or shots < 1):
-        raise ConfigValidationError(f"data.shots={shots!r} must be a positive integer (total training examples) or null")
+        raise ConfigValidationError(
+            f"data.shots={shots!r} must be a positive integer (total training examples) or null"
+        )
     if check_paths:
         shard_dir = Path(cfg["data"]["shard_dir"])
         if not shard_dir.is_dir() and not cfg["data"].get("auto_prepare"):
@@ -304,7 +316,8 @@ def validate(cfg: dict[str, Any], *, check_paths: bool = True) -> FusionConfig:
         from mope.methods import METHODS, reads_complementary
 
         used = ([fcfg.main] if METHODS[fcfg.method].use_main else []) + (
-            fcfg.complementary_modalities if reads_complementary(fcfg) else [])
+            fcfg.complementary_modalities if reads_complementary(fcfg) else []
+        )
         for side in (m for m in ("vision", "text", "audio", "video") if m in used):  # an unused encoder is never built
             w = cfg[side].get("weights")
             auto = cfg["data"].get("auto_prepare") and str(w or "").startswith(str(shard_dir))
@@ -329,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigValidationError as e:
         print(f"harness validate: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"run_name": cfg["run_name"], "model": fcfg.to_dict(), "trainer": cfg["trainer"],
-                      "data": cfg["data"]}, indent=2))
+    print(
+        json.dumps(
+            {"run_name": cfg["run_name"], "model": fcfg.to_dict(), "trainer": cfg["trainer"], "data": cfg["data"]},
+            indent=2,
+        )
+    )
     print("configuration OK", file=sys.stderr)
     return 0

@@ -85,8 +85,9 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
         self.module = self.engine.module
         self.device = torch.device(self.engine.device)
-        self.float_dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
-                            else torch.float16 if self.engine.fp16_enabled() else None)
+        self.float_dtype = (
+            torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float16 if self.engine.fp16_enabled() else None
+        )
 
     def forward(self, batch):
         return self.engine(to_device(batch, self.device, self.float_dtype))
@@ -106,8 +107,14 @@ def _init_single_process_dist(world_size: int) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
     if not torch.cuda.is_available():
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op on first start (~70 s, g++/ninja); one
         # rank never all-reduces, so skip the build.
@@ -117,7 +124,6 @@ def _init_single_process_dist(world_size: int) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-
 
 
 def evaluate(engine, loader, task: Task, cache: FeatureCache | None, split: str, world_size: int) -> dict[str, float]:

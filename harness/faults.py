@@ -41,8 +41,10 @@ def parse(text: str | None) -> list[Fault]:
         opts = dict(f.split("=", 1) for f in fields if "=" in f)
         bad = [f for f in fields if "=" not in f] + sorted(set(opts) - {"match", "once"})
         if kind not in KINDS or not step.isdigit() or bad:
-            raise ValueError(f"{ENV}: cannot read {item!r}; expected KIND@STEP[:match=SUBSTRING][:once=PATH] with "
-                             f"KIND one of {KINDS}")
+            raise ValueError(
+                f"{ENV}: cannot read {item!r}; expected KIND@STEP[:match=SUBSTRING][:once=PATH] with "
+                f"KIND one of {KINDS}"
+            )
         faults.append(Fault(kind, int(step), opts.get("match", ""), opts.get("once")))
     return faults
 

@@ -73,8 +73,14 @@ class FeatureCache:
                 tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
                 save_file({"features": torch.cat(rows)}, str(tmp), metadata={"keys": json.dumps(keys)})
                 os.replace(tmp, f)
-                log.info("feature cache %s/%s: %d samples (%d distinct inputs) in %.1fs", self.dir.name, split,
-                         len(keys), len(seen), time.perf_counter() - t0)
+                log.info(
+                    "feature cache %s/%s: %d samples (%d distinct inputs) in %.1fs",
+                    self.dir.name,
+                    split,
+                    len(keys),
+                    len(seen),
+                    time.perf_counter() - t0,
+                )
             from safetensors import safe_open
 
             with safe_open(str(f), framework="pt") as fh:
@@ -87,8 +93,10 @@ class FeatureCache:
         try:
             idx = torch.tensor([table[k] for k in keys])
         except KeyError as e:
-            raise KeyError(f"feature cache {self.dir}: sample key {e.args[0]!r} of split {split!r} missing; "
-                           "delete the cache directory to rebuild it") from None
+            raise KeyError(
+                f"feature cache {self.dir}: sample key {e.args[0]!r} of split {split!r} missing; "
+                "delete the cache directory to rebuild it"
+            ) from None
         return self.feats[split][idx]
 
 

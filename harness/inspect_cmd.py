@@ -74,12 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         for name in list_presets():  # built on the meta device: counts without memory or init cost
             rep = inspect_preset(name)
             comp = ",".join(rep["complementary"]) or "-"
-            print(f"{name:<44}{rep['method']:<20}main={rep['main']:<7}comp={comp:<12}"
-                  f"trainable {_fmt(rep['trainable']):>9} of {_fmt(rep['total'])}")
+            print(
+                f"{name:<44}{rep['method']:<20}main={rep['main']:<7}comp={comp:<12}"
+                f"trainable {_fmt(rep['trainable']):>9} of {_fmt(rep['total'])}"
+            )
         if args.list:
             return 0
-        print("harness inspect: no preset given; pick one of the presets listed above: harness inspect --preset NAME",
-              file=sys.stderr)
+        print(
+            "harness inspect: no preset given; pick one of the presets listed above: harness inspect --preset NAME",
+            file=sys.stderr,
+        )
         return 2
     try:
         rep = inspect_preset(args.preset, num_classes=args.num_classes)
@@ -94,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     for comp, c in sorted(rep["components"].items()):
         print(f"{comp:<20}{_fmt(c['trainable']):>14}{_fmt(c['total']):>16}")
     print(f"{'TOTAL':<20}{_fmt(rep['trainable']):>14}{_fmt(rep['total']):>16}")
-    print(f"prompt tokens per block: {rep['prompts_per_block']}  (tunable per layer: {rep['tunable_prompts_per_layer']})")
+    print(
+        f"prompt tokens per block: {rep['prompts_per_block']}  (tunable per layer: {rep['tunable_prompts_per_layer']})"
+    )
     for mod, lens in rep["attention_length_per_layer"].items():
         print(f"attention length per layer ({mod}): {lens}")
     return 0

@@ -77,8 +77,13 @@ def _tune_metrics(m: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _final_metrics(summary: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     """The last report of a trial: the test metrics and the best validation value."""
-    out = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-           and (k.startswith(("final/", "perf/")) or k == "step")}
+    out = {
+        k: float(v)
+        for k, v in summary.items()
+        if isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and (k.startswith(("final/", "perf/")) or k == "step")
+    }
     best = summary.get("best") or {}
     if isinstance(best, dict) and best.get("metric"):
         out[f"{best['metric']}_best"] = float(best["value"])
@@ -115,12 +120,18 @@ def run_trial(config: dict[str, Any]) -> None:
 
     from harness import recipe
 
-    tracker = recipe.open_tracker(cfg, rank=0, trial_key=t["trial_key"], parent_run_id=config["parent_run_id"],
-                                  tags=child_tags(t, config["spec_hash"]))
+    tracker = recipe.open_tracker(
+        cfg,
+        rank=0,
+        trial_key=t["trial_key"],
+        parent_run_id=config["parent_run_id"],
+        tags=child_tags(t, config["spec_hash"]),
+    )
     try:
         with RunLifecycle(tracker, killed_by=RAY_STOPS) as run:
-            summary = recipe.train(cfg, rank=0, world_size=1, tracker=tracker,
-                                   report=lambda m: tune.report(_tune_metrics(m, cfg)))
+            summary = recipe.train(
+                cfg, rank=0, world_size=1, tracker=tracker, report=lambda m: tune.report(_tune_metrics(m, cfg))
+            )
             run.status = "FINISHED" if summary.get("finished") else "KILLED"
     except BaseException as e:
         if not is_deterministic_failure(e):
@@ -146,8 +157,12 @@ def _failure_metrics(e: BaseException, cfg: dict[str, Any], objective: str) -> d
     from harness.recipe import TrainingDiverged
 
     cause = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-    return {objective: float("nan"), OBJECTIVE_KEY: float("nan"), "epochs": float(int(cfg["trainer"]["epochs"])),
-            STATUS_KEY: ("diverged: " if isinstance(e, TrainingDiverged) else "failed: ") + cause}
+    return {
+        objective: float("nan"),
+        OBJECTIVE_KEY: float("nan"),
+        "epochs": float(int(cfg["trainer"]["epochs"])),
+        STATUS_KEY: ("diverged: " if isinstance(e, TrainingDiverged) else "failed: ") + cause,
+    }
 
 
 def is_deterministic_failure(e: BaseException) -> bool:
@@ -161,8 +176,20 @@ def is_deterministic_failure(e: BaseException) -> bool:
 
     if isinstance(e, (KeyboardInterrupt, SystemExit, MemoryError)):
         return False
-    return isinstance(e, (TrainingDiverged, ConfigError, ConfigValidationError, CheckpointError, ValueError,
-                          TypeError, KeyError, FileNotFoundError, NotImplementedError))
+    return isinstance(
+        e,
+        (
+            TrainingDiverged,
+            ConfigError,
+            ConfigValidationError,
+            CheckpointError,
+            ValueError,
+            TypeError,
+            KeyError,
+            FileNotFoundError,
+            NotImplementedError,
+        ),
+    )
 
 
 # -- multi-worker trials: Ray Train TorchTrainer ----------------------------------------------------------------------
@@ -188,16 +215,24 @@ def _run_torchtrainer(config: dict[str, Any], cfg: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "trial": {k: v for k, v in t.items() if k != "cfg"},
-                           "parent_run_id": config["parent_run_id"], "tags": tags,
-                           "objective": config["objective"]["metric"],
-                           "sample_log_dir": config.get("sample_log_dir"),
-                           "fault_inject": config.get("fault_inject")},
-        scaling_config=ray.train.ScalingConfig(num_workers=int(res["workers"]), use_gpu=gpus > 0,
-                                               resources_per_worker=per_worker),
-        run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=config["storage_path"],
-                                       failure_config=ray.train.FailureConfig(max_failures=1),
-                                       callbacks=[TuneReportCallback()]),
+        train_loop_config={
+            "cfg": cfg,
+            "trial": {k: v for k, v in t.items() if k != "cfg"},
+            "parent_run_id": config["parent_run_id"],
+            "tags": tags,
+            "objective": config["objective"]["metric"],
+            "sample_log_dir": config.get("sample_log_dir"),
+            "fault_inject": config.get("fault_inject"),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=int(res["workers"]), use_gpu=gpus > 0, resources_per_worker=per_worker
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial_id}",
+            storage_path=config["storage_path"],
+            failure_config=ray.train.FailureConfig(max_failures=1),
+            callbacks=[TuneReportCallback()],
+        ),
     )
     with RunLifecycle(tracker, killed_by=RAY_STOPS):
         trainer.fit()
@@ -224,13 +259,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if config.get("sample_log_dir"):
-        _record_train_keys(Path(config["sample_log_dir"]), f"{config['trial']['label']}-s{config['trial']['seed']}",
-                           rank)
+        _record_train_keys(
+            Path(config["sample_log_dir"]), f"{config['trial']['label']}-s{config['trial']['seed']}", rank
+        )
     t = config["trial"]
-    tracker = open_tracker(cfg, rank=rank, trial_key=t["trial_key"], parent_run_id=config["parent_run_id"],
-                           tags=config["tags"])
-    summary = train(cfg, rank=rank, world_size=world, tracker=tracker,
-                    report=lambda m: ray.train.report(_tune_metrics(m, cfg)))
+    tracker = open_tracker(
+        cfg, rank=rank, trial_key=t["trial_key"], parent_run_id=config["parent_run_id"], tags=config["tags"]
+    )
+    summary = train(
+        cfg, rank=rank, world_size=world, tracker=tracker, report=lambda m: ray.train.report(_tune_metrics(m, cfg))
+    )
     ray.train.report(_final_metrics(summary, cfg))
 
 
@@ -274,14 +312,18 @@ def ray_init(num_cpus: int | None = None, *, verbose: bool = False) -> dict[str,
     import ray
 
     if not ray.is_initialized():
-        kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose,
-                              "logging_level": logging.INFO if verbose else logging.WARNING}
+        kw: dict[str, Any] = {
+            "include_dashboard": False,
+            "log_to_driver": verbose,
+            "logging_level": logging.INFO if verbose else logging.WARNING,
+        }
         addr = os.environ.get("RAY_ADDRESS")
         if addr:
             ray.init(address=addr, **kw)
         else:
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, resources={DRIVER_RESOURCE: 1000},
-                     **kw)
+            ray.init(
+                address="local", num_cpus=num_cpus or os.cpu_count() or 1, resources={DRIVER_RESOURCE: 1000}, **kw
+            )
     return dict(ray.cluster_resources())
 
 
@@ -334,8 +376,10 @@ def prepare_shared_inputs(cfgs: list[dict[str, Any]]) -> None:
     for cfg in cfgs:
         if not cfg["data"].get("auto_prepare"):
             continue
-        key = (cfg["data"]["shard_dir"], json.dumps(cfg["text"], sort_keys=True) + json.dumps(cfg["vision"],
-                                                                                               sort_keys=True))
+        key = (
+            cfg["data"]["shard_dir"],
+            json.dumps(cfg["text"], sort_keys=True) + json.dumps(cfg["vision"], sort_keys=True),
+        )
         if key in seen:
             continue
         seen.add(key)
@@ -351,14 +395,22 @@ def prepare_shared_inputs(cfgs: list[dict[str, Any]]) -> None:
             try:
                 lcfg = loader_config(cfg, shard_dir)
                 FeatureCache(shard_dir, FeatureCache.key_for(model, shard_dir, lcfg)).build(
-                    model, lcfg, ["train", "val", "test"], rank=0, world_size=1)
+                    model, lcfg, ["train", "val", "test"], rank=0, world_size=1
+                )
             finally:
                 torch.set_num_threads(threads)
         del model
 
 
-def run_sweep(spec, trials: list[dict[str, Any]], *, num_cpus: int | None = None, progress_every_s: float = 30.0,
-              verbose: bool = False, stream=None) -> int:
+def run_sweep(
+    spec,
+    trials: list[dict[str, Any]],
+    *,
+    num_cpus: int | None = None,
+    progress_every_s: float = 30.0,
+    verbose: bool = False,
+    stream=None,
+) -> int:
     """Runs (or resumes) the sweep; returns 0 when every trial has a FINISHED child run, 1 otherwise.
 
     Args:
@@ -378,25 +430,33 @@ def run_sweep(spec, trials: list[dict[str, Any]], *, num_cpus: int | None = None
         t["cfg"]["tracking"]["uri"] = tracking_target(t["cfg"])[0]
     t0 = time.time()
     parent = open_parent_run(spec, cfg0, trials)
-    print(f"[{spec.sweep_id}] MLflow parent run {parent.run_id} ({tracking_target(cfg0)[0]}); "
-          f"Tune experiment {exp_dir}", file=out, flush=True)
+    print(
+        f"[{spec.sweep_id}] MLflow parent run {parent.run_id} ({tracking_target(cfg0)[0]}); Tune experiment {exp_dir}",
+        file=out,
+        flush=True,
+    )
     try:
         # the parent run: FINISHED / FAILED / KILLED as the trials' child runs say, KILLED on Ctrl-C, FAILED (no
         # error tag) when the driver itself fails; this session's wall time is tagged in every case
-        with RunLifecycle(parent, record_error=False,
-                          close_tags=lambda: {"harness.wall_s_last_session": f"{time.time() - t0:.1f}"}) as run:
+        with RunLifecycle(
+            parent, record_error=False, close_tags=lambda: {"harness.wall_s_last_session": f"{time.time() - t0:.1f}"}
+        ) as run:
             prepare_shared_inputs([t["cfg"] for t in trials])
             from ray import tune  # noqa: F401 - imported before Ray starts, as it always was
 
             cluster = ray_init(num_cpus, verbose=verbose)
             concurrency = spec.resources.max_concurrent_for(cluster.get("CPU", 0.0), cluster.get("GPU", 0.0))
-            print(f"[{spec.sweep_id}] {len(trials)} trials, {concurrency} at a time on {cluster.get('CPU', 0):g} CPUs "
-                  f"/ {cluster.get('GPU', 0):g} GPUs (prepare + Ray start {time.time() - t0:.0f}s)", file=out,
-                  flush=True)
+            print(
+                f"[{spec.sweep_id}] {len(trials)} trials, {concurrency} at a time on {cluster.get('CPU', 0):g} CPUs "
+                f"/ {cluster.get('GPU', 0):g} GPUs (prepare + Ray start {time.time() - t0:.0f}s)",
+                file=out,
+                flush=True,
+            )
             tuner = _make_tuner(spec, trials, parent.run_id, storage, cluster, concurrency, progress_every_s, stream)
             grid = tuner.fit()
-            rc, run.status = sweep_outcome(spec, trials, grid.num_errors, parent_run_id=parent.run_id, t0=t0,
-                                           exp_dir=exp_dir, out=out)
+            rc, run.status = sweep_outcome(
+                spec, trials, grid.num_errors, parent_run_id=parent.run_id, t0=t0, exp_dir=exp_dir, out=out
+            )
             return rc
     finally:
         import ray
@@ -405,8 +465,16 @@ def run_sweep(spec, trials: list[dict[str, Any]], *, num_cpus: int | None = None
             ray.shutdown()
 
 
-def _make_tuner(spec, trials: list[dict[str, Any]], parent_run_id: str, storage: Path, cluster: dict[str, float],
-                concurrency: int, progress_every_s: float, stream):
+def _make_tuner(
+    spec,
+    trials: list[dict[str, Any]],
+    parent_run_id: str,
+    storage: Path,
+    cluster: dict[str, float],
+    concurrency: int,
+    progress_every_s: float,
+    stream,
+):
     """The sweep's ``tune.Tuner``: restored from ``<storage>/<sweep_id>`` when Tune can, else a new one."""
     from ray import tune
 
@@ -414,8 +482,11 @@ def _make_tuner(spec, trials: list[dict[str, Any]], parent_run_id: str, storage:
     res = spec.resources
     trainable = tune.with_resources(run_trial, trial_resources(res, cluster))
     if tune.Tuner.can_restore(str(exp_dir)):
-        print(f"[{spec.sweep_id}] resuming: finished trials are kept, errored and unfinished ones are re-run",
-              file=stream or sys.stdout, flush=True)
+        print(
+            f"[{spec.sweep_id}] resuming: finished trials are kept, errored and unfinished ones are re-run",
+            file=stream or sys.stdout,
+            flush=True,
+        )
         return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
     param_space = {
         "trial": tune.grid_search(trials),
@@ -427,22 +498,42 @@ def _make_tuner(spec, trials: list[dict[str, Any]], parent_run_id: str, storage:
         "sample_log_dir": os.environ.get("HARNESS_SAMPLE_LOG_DIR"),
         "fault_inject": os.environ.get(faults.ENV),  # reliability tests only (harness.faults)
     }
-    progress = make_progress_callback(spec.sweep_id, spec.objective.metric, concurrency, progress_every_s,
-                                      [(t["label"], t["seed"], int(t["cfg"]["trainer"]["epochs"])) for t in trials],
-                                      stream)
+    progress = make_progress_callback(
+        spec.sweep_id,
+        spec.objective.metric,
+        concurrency,
+        progress_every_s,
+        [(t["label"], t["seed"], int(t["cfg"]["trainer"]["epochs"])) for t in trials],
+        stream,
+    )
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=spec.objective.metric, mode=spec.objective.mode, max_concurrent_trials=concurrency,
+            metric=spec.objective.metric,
+            mode=spec.objective.mode,
+            max_concurrent_trials=concurrency,
             # one process per slot for the whole sweep: saves ~10-20 s of imports per trial on 2 cores
-            reuse_actors=True, trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
+            reuse_actors=True,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_dirname,
+        ),
         run_config=tune.RunConfig(
-            name=spec.sweep_id, storage_path=str(storage), verbose=0,
+            name=spec.sweep_id,
+            storage_path=str(storage),
+            verbose=0,
             failure_config=tune.FailureConfig(max_failures=2, fail_fast=False),
-            callbacks=[progress]),
+            callbacks=[progress],
+        ),
     )
 
 
-__all__ = ["is_deterministic_failure", "prepare_shared_inputs", "ray_init", "run_sweep", "run_trial",
-           "train_loop_per_worker", "trial_resources"]
+__all__ = [
+    "is_deterministic_failure",
+    "prepare_shared_inputs",
+    "ray_init",
+    "run_sweep",
+    "run_trial",
+    "train_loop_per_worker",
+    "trial_resources",
+]

@@ -81,8 +81,14 @@ def train(
     if tracker is None:
         tracker = open_tracker(cfg, rank=rank)
         with RunLifecycle(tracker) as closing:
-            summary = train(cfg, rank=rank, world_size=world_size, tracker=tracker, report=report,
-                            stop_after_epochs=stop_after_epochs)
+            summary = train(
+                cfg,
+                rank=rank,
+                world_size=world_size,
+                tracker=tracker,
+                report=report,
+                stop_after_epochs=stop_after_epochs,
+            )
             closing.status = "FINISHED" if summary.get("finished") else "KILLED"
         return summary
     if rank == 0:
@@ -96,8 +102,14 @@ def train(
     return {**run.finish(), "run_id": tracker.run_id}
 
 
-def open_tracker(cfg: dict[str, Any], *, rank: int = 0, trial_key: str | None = None, parent_run_id: str | None = None,
-                 tags: dict | None = None):
+def open_tracker(
+    cfg: dict[str, Any],
+    *,
+    rank: int = 0,
+    trial_key: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict | None = None,
+):
     t = cfg["tracking"]
     uri = t.get("uri") or default_tracking_uri(cfg["paths"]["run_root"])
     # run-control keys are not part of the configuration's identity (a resumed run keeps its params)
@@ -162,8 +174,15 @@ class TrainingRun:
     """The state of one run between the steps of :func:`train`: :meth:`setup`, then per epoch :meth:`run_epoch`,
     :meth:`validate_if_due` and :meth:`checkpoint`, then :meth:`finish`."""
 
-    def __init__(self, cfg: dict[str, Any], *, rank: int, world_size: int, tracker: Tracker,
-                 report: Callable[[dict[str, float]], None] | None):
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        *,
+        rank: int,
+        world_size: int,
+        tracker: Tracker,
+        report: Callable[[dict[str, float]], None] | None,
+    ):
         self.cfg, self.tr = cfg, cfg["trainer"]
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         self.tracker, self.report = tracker, report
@@ -178,9 +197,13 @@ class TrainingRun:
         self._resume()
         self.injected = faults.for_run(str(self.cfg.get("run_name", "")))
         if self.is_main and self.start_epoch == 0:
-            self.tracker.log_metrics({"cost/trainable_params": float(sum(p.numel() for p in self.model.parameters()
-                                                                         if p.requires_grad)),
-                                      "data/batches_per_epoch": float(self.batches_per_epoch)}, step=0)
+            self.tracker.log_metrics(
+                {
+                    "cost/trainable_params": float(sum(p.numel() for p in self.model.parameters() if p.requires_grad)),
+                    "data/batches_per_epoch": float(self.batches_per_epoch),
+                },
+                step=0,
+            )
         self.eval_every = float(tr["eval_every_epochs"])
         self.eval_steps = max(1, round(self.eval_every * self.batches_per_epoch)) if self.eval_every < 1 else None
         self.best_dir = self.run_dir / "best_adapter"
@@ -214,9 +237,11 @@ class TrainingRun:
         self.train_loader, self.batches_per_epoch = make_train_loader(lcfg, rank, world)
         if tr.get("max_steps_per_epoch"):
             if tr.get("min_steps_per_epoch") and int(tr["min_steps_per_epoch"]) > int(tr["max_steps_per_epoch"]):
-                raise ValueError(f"trainer.min_steps_per_epoch={tr['min_steps_per_epoch']} > "
-                                 f"trainer.max_steps_per_epoch={tr['max_steps_per_epoch']}: lower the first or raise "
-                                 "the second")
+                raise ValueError(
+                    f"trainer.min_steps_per_epoch={tr['min_steps_per_epoch']} > "
+                    f"trainer.max_steps_per_epoch={tr['max_steps_per_epoch']}: lower the first or raise "
+                    "the second"
+                )
             self.batches_per_epoch = min(self.batches_per_epoch, int(tr["max_steps_per_epoch"]))
         self.val_loader = make_eval_loader(lcfg, "val", rank, world)
         self.test_loader = make_eval_loader(lcfg, "test", rank, world)
@@ -231,8 +256,9 @@ class TrainingRun:
             model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
         groups = trainable_param_groups(model, learning_rates(tr), weight_decay=float(tr["weight_decay"]))
         self.optimizer = torch.optim.AdamW(groups)
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=list(tr["milestones"]),
-                                                              gamma=tr["gamma"])
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, milestones=list(tr["milestones"]), gamma=tr["gamma"]
+        )
         self.engine: Any
         if cfg["deepspeed"]["enabled"]:
             self.engine = DeepSpeedEngine(model, self.optimizer, cfg, self.world_size)
@@ -319,16 +345,26 @@ class TrainingRun:
     def _log_train(self, epoch: int, b: int) -> None:
         w, per_epoch = self.window, self.batches_per_epoch
         dt = time.perf_counter() - w.t
-        self.tracker.log_metrics({
-            "train/loss": w.loss / w.n,
-            "train/lr_vision": self.optimizer.param_groups[0]["lr"],
-            "perf/samples_per_s": w.samples / max(dt, 1e-9),
-            "perf/step_time_s": dt / w.n,
-            "perf/data_wait_frac": w.wait / max(dt, 1e-9),
-            "train/epoch": epoch + (b + 1) / per_epoch,
-        }, step=self.step)
-        log.info("epoch %d step %d/%d loss %.4f  %.1f samples/s  ETA %.0fs", epoch, b + 1, per_epoch, w.loss / w.n,
-                 w.samples / max(dt, 1e-9), (self.epochs - epoch - (b + 1) / per_epoch) * per_epoch * dt / w.n)
+        self.tracker.log_metrics(
+            {
+                "train/loss": w.loss / w.n,
+                "train/lr_vision": self.optimizer.param_groups[0]["lr"],
+                "perf/samples_per_s": w.samples / max(dt, 1e-9),
+                "perf/step_time_s": dt / w.n,
+                "perf/data_wait_frac": w.wait / max(dt, 1e-9),
+                "train/epoch": epoch + (b + 1) / per_epoch,
+            },
+            step=self.step,
+        )
+        log.info(
+            "epoch %d step %d/%d loss %.4f  %.1f samples/s  ETA %.0fs",
+            epoch,
+            b + 1,
+            per_epoch,
+            w.loss / w.n,
+            w.samples / max(dt, 1e-9),
+            (self.epochs - epoch - (b + 1) / per_epoch) * per_epoch * dt / w.n,
+        )
         self.window = _Window()
 
     def _log_routing(self, out) -> None:
@@ -358,8 +394,9 @@ class TrainingRun:
         metrics = {f"val/{k}": v for k, v in res.items() if k != "n"}
         if res[objective] > self.best["value"]:
             self.best = {"metric": f"val/{objective}", "value": res[objective], "step": self.step, "epoch": epoch}
-            save_adapter(self.model, self.best_dir, is_main_process=self.is_main,
-                         extra={"step": self.step, "epoch": epoch})
+            save_adapter(
+                self.model, self.best_dir, is_main_process=self.is_main, extra={"step": self.step, "epoch": epoch}
+            )
         metrics[f"val/{objective}_best"] = self.best["value"]
         if self.is_main:
             self.tracker.log_metrics(metrics, step=self.step)
@@ -372,26 +409,42 @@ class TrainingRun:
         """The end-of-epoch checkpoint, with the metrics the store has not taken yet (rank 0)."""
         if self.is_main:
             self.tracker.try_flush()
-        ck.save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
-                           scheduler=self.scheduler, epoch=epoch,
-                           data_state={"epoch": epoch, "batches_per_epoch": self.batches_per_epoch}, best=self.best,
-                           extra={"unlogged_metrics": self.tracker.pending_metrics() if self.is_main else []},
-                           keep_last=int(self.tr.get("keep_checkpoints", 2)), is_main_process=self.is_main)
+        ck.save_checkpoint(
+            self.run_dir,
+            self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            epoch=epoch,
+            data_state={"epoch": epoch, "batches_per_epoch": self.batches_per_epoch},
+            best=self.best,
+            extra={"unlogged_metrics": self.tracker.pending_metrics() if self.is_main else []},
+            keep_last=int(self.tr.get("keep_checkpoints", 2)),
+            is_main_process=self.is_main,
+        )
         self.last_epoch_run = epoch
 
     # -- finish -------------------------------------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
         """The summary; when every epoch is done, also the test scores, the final metrics and the adapter."""
         finished = self.last_epoch_run + 1 >= self.epochs
-        summary: dict[str, Any] = {"step": self.step, "epochs_done": self.last_epoch_run + 1, "finished": finished,
-                                   "best": self.best, "run_dir": str(self.run_dir)}
+        summary: dict[str, Any] = {
+            "step": self.step,
+            "epochs_done": self.last_epoch_run + 1,
+            "finished": finished,
+            "best": self.best,
+            "run_dir": str(self.run_dir),
+        }
         if not finished:
             return summary
         final = {**self._test_metrics(), **self._perf_metrics()}
         if self.is_main:
             self.tracker.log_metrics(final, step=self.step)
-            save_adapter(self.model, self.run_dir / "adapter",
-                         extra={"step": self.best["step"], "selected_by": self.best["metric"]})
+            save_adapter(
+                self.model,
+                self.run_dir / "adapter",
+                extra={"step": self.best["step"], "selected_by": self.best["metric"]},
+            )
             self.tracker.log_artifact(str(self.run_dir / "adapter"), "adapter")
         summary.update(final)
         return summary
@@ -415,10 +468,12 @@ class TrainingRun:
 
     def _perf_metrics(self) -> dict[str, float]:
         wall = time.perf_counter() - self.t_run
-        return {"perf/train_samples_per_s": self.samples_total / max(self.step_time_total, 1e-9),
-                "perf/data_wait_frac": self.data_wait_total / max(self.step_time_total, 1e-9),
-                "perf/wall_s": wall,
-                "perf/peak_mem_mb": _peak_mem_mb()}
+        return {
+            "perf/train_samples_per_s": self.samples_total / max(self.step_time_total, 1e-9),
+            "perf/data_wait_frac": self.data_wait_total / max(self.step_time_total, 1e-9),
+            "perf/wall_s": wall,
+            "perf/peak_mem_mb": _peak_mem_mb(),
+        }
 
 
 def _peak_mem_mb() -> float:

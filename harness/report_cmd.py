@@ -56,9 +56,19 @@ def default_uri(run_root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_root / 'mlflow.db'}"
 
 
-def report_sweeps(uri: str, *, name: str | None = None, sweep_id: str | None = None, every: bool = False,
-                  out: str | Path | None = None, run_root: Path | None = None, metric: str | None = None,
-                  equivalence_margin: float | None = None, log_to_mlflow: bool = True, stream=None) -> list[Any]:
+def report_sweeps(
+    uri: str,
+    *,
+    name: str | None = None,
+    sweep_id: str | None = None,
+    every: bool = False,
+    out: str | Path | None = None,
+    run_root: Path | None = None,
+    metric: str | None = None,
+    equivalence_margin: float | None = None,
+    log_to_mlflow: bool = True,
+    stream=None,
+) -> list[Any]:
     """Reports the selected sweeps; returns their :class:`reports.build.Report` objects.
 
     Raises:
@@ -78,8 +88,12 @@ def report_sweeps(uri: str, *, name: str | None = None, sweep_id: str | None = N
             dest = (run_root or default_run_root()) / "reports" / s["sweep_id"]
         else:
             dest = Path(out) / s["sweep_id"] if (every and len(chosen) > 1) else Path(out)
-        rep = build_report(data, dest, metric=metric,
-                           equivalence_margin=EQUIVALENCE_MARGIN if equivalence_margin is None else equivalence_margin)
+        rep = build_report(
+            data,
+            dest,
+            metric=metric,
+            equivalence_margin=EQUIVALENCE_MARGIN if equivalence_margin is None else equivalence_margin,
+        )
         logged = ""
         if log_to_mlflow:
             try:
@@ -88,9 +102,12 @@ def report_sweeps(uri: str, *, name: str | None = None, sweep_id: str | None = N
             except Exception as e:  # noqa: BLE001 - the folder is written; the store may be read-only
                 logged = f"; NOT logged to MLflow ({type(e).__name__}: {str(e)[:200]})"
         n_fin = int((data.runs["status"] == "FINISHED").sum())
-        print(f"[{s['sweep_id']}] report: {dest / 'report.html'} ({n_fin}/{len(data.runs)} trials FINISHED, "
-              f"{len(rep.figures)} figure(s), {len(rep.claims)} claim(s), {time.perf_counter() - t0:.1f}s){logged}",
-              file=stream, flush=True)
+        print(
+            f"[{s['sweep_id']}] report: {dest / 'report.html'} ({n_fin}/{len(data.runs)} trials FINISHED, "
+            f"{len(rep.figures)} figure(s), {len(rep.claims)} claim(s), {time.perf_counter() - t0:.1f}s){logged}",
+            file=stream,
+            flush=True,
+        )
         for key, png in rep.figures.items():
             print(f"  figure {key}: {png}", file=stream)
         for sk in rep.skipped:
@@ -136,13 +153,23 @@ def main(argv: list[str] | None = None) -> int:
                 return _fail(f"the store {uri} holds no sweep: run `harness sweep SPEC` first")
             for s in sweeps:
                 when = time.strftime("%Y-%m-%d %H:%M", time.localtime((s["started"] or 0) / 1000))
-                print(f"{s['sweep_id']:<32} {s['spec_name']:<20} {s['status']:<9} {when}  profile "
-                      f"{s['profile'] or '-'}")
+                print(
+                    f"{s['sweep_id']:<32} {s['spec_name']:<20} {s['status']:<9} {when}  profile {s['profile'] or '-'}"
+                )
             return 0
         if not (a.sweep or a.sweep_id or a.all):
             return _fail("name a sweep: --sweep NAME, --sweep-id ID or --all (`--list` shows the store's sweeps)")
-        report_sweeps(uri, name=a.sweep, sweep_id=a.sweep_id, every=a.all, out=a.out, run_root=run_root,
-                      metric=a.metric, equivalence_margin=a.equivalence_margin, log_to_mlflow=not a.no_log)
+        report_sweeps(
+            uri,
+            name=a.sweep,
+            sweep_id=a.sweep_id,
+            every=a.all,
+            out=a.out,
+            run_root=run_root,
+            metric=a.metric,
+            equivalence_margin=a.equivalence_margin,
+            log_to_mlflow=not a.no_log,
+        )
         return 0
     except StoreError as e:
         return _fail(str(e))

@@ -107,12 +107,15 @@ def check_modalities(fcfg, shard_dir: Path) -> None:
     have = dataset_info(shard_dir).modalities
     missing = [m for m in needed if SHARD_MODALITY[m] not in have]
     if missing:
-        hint = {"video": "`harness prep mustard --opt frames=8` writes video frames",
-                "audio": "`harness prep mustard` writes audio unless --opt no_audio=true",
-                "vision": "this dataset has no images: pick model.main / model.complementary among its modalities",
-                "text": "this dataset has no text"}
+        hint = {
+            "video": "`harness prep mustard --opt frames=8` writes video frames",
+            "audio": "`harness prep mustard` writes audio unless --opt no_audio=true",
+            "vision": "this dataset has no images: pick model.main / model.complementary among its modalities",
+            "text": "this dataset has no text",
+        }
         raise DataMismatchError(
             f"data.shard_dir={shard_dir} carries {list(have)}, but the model reads {missing} (model.main="
             f"{fcfg.main}, model.complementary={fcfg.complementary_modalities}); "
-            + "; ".join(hint[m] for m in missing) + ", or drop it from model.complementary")
-
+            + "; ".join(hint[m] for m in missing)
+            + ", or drop it from model.complementary"
+        )

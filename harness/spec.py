@@ -61,10 +61,32 @@ from typing import Any
 
 from mope.config import tunable_prompts_per_layer
 
-SPEC_KEYS = ("name", "description", "experiment", "overrides", "axes", "arms", "constraints", "seeds", "resources",
-             "objective", "tracking", "profiles")
-PROFILE_KEYS = ("description", "experiment", "overrides", "axes", "arms", "constraints", "seeds", "resources",
-                "objective", "tracking")
+SPEC_KEYS = (
+    "name",
+    "description",
+    "experiment",
+    "overrides",
+    "axes",
+    "arms",
+    "constraints",
+    "seeds",
+    "resources",
+    "objective",
+    "tracking",
+    "profiles",
+)
+PROFILE_KEYS = (
+    "description",
+    "experiment",
+    "overrides",
+    "axes",
+    "arms",
+    "constraints",
+    "seeds",
+    "resources",
+    "objective",
+    "tracking",
+)
 RESERVED_OVERRIDES = ("seed", "run_name", "resume", "experiment")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _KEY_RE = re.compile(r"^[+~]{0,2}[A-Za-z_][A-Za-z0-9_]*(?:[./][A-Za-z_][A-Za-z0-9_]*)*$")
@@ -76,15 +98,31 @@ class SpecError(ValueError):
 
 # -- safe expressions -------------------------------------------------------------------------------------------------
 _BINOPS: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
 }
 _CMPOPS: dict[type, Callable[[Any, Any], bool]] = {
-    ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt,
-    ast.GtE: operator.ge, ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b,
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.In: lambda a, b: a in b,
+    ast.NotIn: lambda a, b: a not in b,
 }
 _FUNCS: dict[str, Callable[..., Any]] = {
-    "min": min, "max": max, "abs": abs, "int": int, "float": float, "round": round,
+    "min": min,
+    "max": max,
+    "abs": abs,
+    "int": int,
+    "float": float,
+    "round": round,
     "tunable_prompts": tunable_prompts_per_layer,  # (k, l) -> (k+1)*l+1, MoPE's tunable prompts per layer
 }
 _MAX_EXPR_LEN = 500
@@ -168,8 +206,10 @@ def safe_eval(expr: str, names: Mapping[str, Any], lookup: Callable[[str], Any] 
                     return lookup(key)
                 except KeyError:
                     pass
-            raise SpecError(f"{expr!r}: unknown name {key!r}; set it in the spec's `overrides`, `axes` or arm "
-                            f"(known here: {sorted(names)})")
+            raise SpecError(
+                f"{expr!r}: unknown name {key!r}; set it in the spec's `overrides`, `axes` or arm "
+                f"(known here: {sorted(names)})"
+            )
         if isinstance(n, ast.BinOp) and type(n.op) in _BINOPS:
             a, b = ev(n.left), ev(n.right)
             if isinstance(n.op, ast.Pow) and (not isinstance(b, (int, float)) or abs(b) > 64):
@@ -224,8 +264,12 @@ def safe_eval(expr: str, names: Mapping[str, Any], lookup: Callable[[str], Any] 
     except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
         read = [k for k in expression_names(expr) if k in names]
         vals = ", ".join(f"{k}={names[k]!r} ({type(names[k]).__name__})" for k in read)
-        hint = (f" with {vals}: check the type of each value it reads (numbers for arithmetic) in the spec's axes / "
-                "overrides" if vals else "")
+        hint = (
+            f" with {vals}: check the type of each value it reads (numbers for arithmetic) in the spec's axes / "
+            "overrides"
+            if vals
+            else ""
+        )
         raise SpecError(f"{expr!r}: {type(e).__name__}: {e}{hint}") from e
 
 
@@ -315,18 +359,24 @@ class Resources:
         at once), or None when it fits. The message names the resources and the fixes."""
         short = []
         if self.trial_cpus > cpus + 1e-9:
-            short.append(f"{self.trial_cpus:g} CPUs ({self.workers} worker(s) x {self.cpus_per_worker:g}) but "
-                         f"{where} has {cpus:g}")
+            short.append(
+                f"{self.trial_cpus:g} CPUs ({self.workers} worker(s) x {self.cpus_per_worker:g}) but "
+                f"{where} has {cpus:g}"
+            )
         if self.trial_gpus > gpus + 1e-9:
-            short.append(f"{self.trial_gpus:g} GPU(s) ({self.workers} worker(s) x {self.gpus_per_worker:g}) but "
-                         f"{where} has {gpus:g}")
+            short.append(
+                f"{self.trial_gpus:g} GPU(s) ({self.workers} worker(s) x {self.gpus_per_worker:g}) but "
+                f"{where} has {gpus:g}"
+            )
         if not short:
             return None
-        return ("resources: a trial needs " + " and ".join(short) + ", so it can never be scheduled here (Ray would "
-                "wait forever). Fix: lower resources.workers / resources.cpus_per_worker / resources.gpus_per_worker "
-                "(e.g. `resources.gpus_per_worker=0 resources.cpus_per_worker=1` on the command line), choose a "
-                "profile sized for this machine, or run on a cluster that has them (RAY_ADDRESS=head:port; "
-                "--no-resource-check skips this check)")
+        return (
+            "resources: a trial needs " + " and ".join(short) + ", so it can never be scheduled here (Ray would "
+            "wait forever). Fix: lower resources.workers / resources.cpus_per_worker / resources.gpus_per_worker "
+            "(e.g. `resources.gpus_per_worker=0 resources.cpus_per_worker=1` on the command line), choose a "
+            "profile sized for this machine, or run on a cluster that has them (RAY_ADDRESS=head:port; "
+            "--no-resource-check skips this check)"
+        )
 
     def max_concurrent_for(self, cluster_cpus: float, cluster_gpus: float = 0.0) -> int:
         """How many trials fit at once (gang scheduling: all of a trial's workers at the same time)."""
@@ -372,9 +422,18 @@ class Trial:
         return f"{self.sweep_id}/{self.point_id}/{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "sweep_id": self.sweep_id, "point_id": self.point_id, "seed": self.seed,
-                "arm": self.arm, "values": dict(self.values), "overrides": list(self.overrides),
-                "label": self.label, "run_name": self.run_name, "trial_key": self.trial_key}
+        return {
+            "index": self.index,
+            "sweep_id": self.sweep_id,
+            "point_id": self.point_id,
+            "seed": self.seed,
+            "arm": self.arm,
+            "values": dict(self.values),
+            "overrides": list(self.overrides),
+            "label": self.label,
+            "run_name": self.run_name,
+            "trial_key": self.trial_key,
+        }
 
 
 @dataclass
@@ -460,8 +519,10 @@ class SweepSpec:
                 if all(self._constraint(c, ns, lookup) for c in self.constraints):
                     points.append((arm, values))
         if not points:
-            raise SpecError(f"spec {self.name!r}: the constraints {self.constraints} exclude every point; relax them "
-                            f"or change the axes")
+            raise SpecError(
+                f"spec {self.name!r}: the constraints {self.constraints} exclude every point; relax them "
+                f"or change the axes"
+            )
 
         def short(k: str) -> str:
             return k.split(".")[-1].split("/")[-1]
@@ -480,8 +541,10 @@ class SweepSpec:
         for i, pid in enumerate(pids):
             if pid in seen:
                 j = seen[pid]
-                raise SpecError(f"spec {self.name!r}: points {points[j]} and {points[i]} have the same overrides "
-                                f"(duplicate trials); make the arms differ or drop an axis value")
+                raise SpecError(
+                    f"spec {self.name!r}: points {points[j]} and {points[i]} have the same overrides "
+                    f"(duplicate trials); make the arms differ or drop an axis value"
+                )
             seen[pid] = i
         labels = [label_of(a, v) for a, v in points]
         if len(set(labels)) < len(labels):
@@ -492,10 +555,24 @@ class SweepSpec:
         for (arm, values), pid, lab in zip(points, pids, labels):
             for seed in self.seeds:
                 run_name = f"{sweep_id}/{lab}-s{seed}"
-                ovr = base + [override(k, v) for k, v in values.items()] + [override("seed", seed),
-                                                                             override("run_name", run_name)]
-                trials.append(Trial(index=len(trials), sweep_id=sweep_id, point_id=pid, seed=int(seed), arm=arm,
-                                    values=dict(values), overrides=ovr, label=lab, run_name=run_name))
+                ovr = (
+                    base
+                    + [override(k, v) for k, v in values.items()]
+                    + [override("seed", seed), override("run_name", run_name)]
+                )
+                trials.append(
+                    Trial(
+                        index=len(trials),
+                        sweep_id=sweep_id,
+                        point_id=pid,
+                        seed=int(seed),
+                        arm=arm,
+                        values=dict(values),
+                        overrides=ovr,
+                        label=lab,
+                        run_name=run_name,
+                    )
+                )
         return trials
 
     def _constraint(self, expr: str, ns: dict[str, Any], lookup) -> bool:
@@ -508,10 +585,18 @@ class SweepSpec:
         return v
 
     def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "sweep_id": self.sweep_id, "spec_hash": self.spec_hash, "profile": self.profile,
-                "experiment": self.experiment, "seeds": list(self.seeds), "axes": {k: list(v) for k, v in
-                                                                                  self.axes.items()},
-                "arms": list(self.arms), "resources": self.resources.__dict__, "objective": self.objective.__dict__}
+        return {
+            "name": self.name,
+            "sweep_id": self.sweep_id,
+            "spec_hash": self.spec_hash,
+            "profile": self.profile,
+            "experiment": self.experiment,
+            "seeds": list(self.seeds),
+            "axes": {k: list(v) for k, v in self.axes.items()},
+            "arms": list(self.arms),
+            "resources": self.resources.__dict__,
+            "objective": self.objective.__dict__,
+        }
 
 
 def _label_value(v: Any) -> str:
@@ -613,8 +698,13 @@ def _arms(v: Any, axes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def build_spec(data: Mapping[str, Any], *, profile: str | None = None, extra_overrides: list[str] | None = None,
-               source: str | None = None) -> SweepSpec:
+def build_spec(
+    data: Mapping[str, Any],
+    *,
+    profile: str | None = None,
+    extra_overrides: list[str] | None = None,
+    source: str | None = None,
+) -> SweepSpec:
     """A :class:`SweepSpec` from a loaded YAML mapping, with `profile` and command-line overrides applied."""
     if not isinstance(data, Mapping):
         raise SpecError("a sweep spec must be a YAML mapping")
@@ -679,20 +769,35 @@ def build_spec(data: Mapping[str, Any], *, profile: str | None = None, extra_ove
         raise SpecError("resources must be a mapping (workers, cpus_per_worker, gpus_per_worker, max_concurrent)")
     bad = sorted(set(res) - {"workers", "cpus_per_worker", "gpus_per_worker", "max_concurrent"})
     if bad:
-        raise SpecError(f"resources: unknown key(s) {bad}; allowed: workers, cpus_per_worker, gpus_per_worker, "
-                        f"max_concurrent")
+        raise SpecError(
+            f"resources: unknown key(s) {bad}; allowed: workers, cpus_per_worker, gpus_per_worker, max_concurrent"
+        )
     obj = d.get("objective") or {}
     if not isinstance(obj, Mapping) or set(obj) - {"metric", "mode"}:
         raise SpecError("objective must be a mapping with metric and mode")
     tracking = dict(d.get("tracking") or {})
     if set(tracking) - {"experiment"}:
-        raise SpecError(f"tracking: unknown key(s) {sorted(set(tracking) - {'experiment'})}; allowed: experiment "
-                        f"(the URI comes from MLFLOW_TRACKING_URI or tracking.uri)")
+        raise SpecError(
+            f"tracking: unknown key(s) {sorted(set(tracking) - {'experiment'})}; allowed: experiment "
+            f"(the URI comes from MLFLOW_TRACKING_URI or tracking.uri)"
+        )
     desc = d.get("description") or ""
     return SweepSpec(
-        name=name, experiment=experiment, overrides=overrides, axes=axes, arms=arms, constraints=list(constraints),
-        seeds=_seeds(d.get("seeds", [0])), resources=Resources(**res), objective=Objective(**obj), tracking=tracking,
-        description=str(desc).strip(), profile=profile, profiles=tuple(profiles), source=source, raw=raw,
+        name=name,
+        experiment=experiment,
+        overrides=overrides,
+        axes=axes,
+        arms=arms,
+        constraints=list(constraints),
+        seeds=_seeds(d.get("seeds", [0])),
+        resources=Resources(**res),
+        objective=Objective(**obj),
+        tracking=tracking,
+        description=str(desc).strip(),
+        profile=profile,
+        profiles=tuple(profiles),
+        source=source,
+        raw=raw,
     )
 
 
@@ -710,14 +815,17 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         raise SpecError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save the spec as UTF-8") from None
     except yaml.constructor.ConstructorError as e:
         mark = f" at line {e.problem_mark.line + 1}" if e.problem_mark else ""
-        raise SpecError(f"{p}: tag refused{mark} ({e.problem}): sweep specs are loaded with yaml.safe_load, which "
-                        "builds no Python objects; write plain values instead") from None
+        raise SpecError(
+            f"{p}: tag refused{mark} ({e.problem}): sweep specs are loaded with yaml.safe_load, which "
+            "builds no Python objects; write plain values instead"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
         problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(f"{where}: not valid YAML ({problem}); fix the syntax at that line (indentation, quotes, "
-                        "a missing ':')") from None
+        raise SpecError(
+            f"{where}: not valid YAML ({problem}); fix the syntax at that line (indentation, quotes, a missing ':')"
+        ) from None
     profile, extra = None, []
     for o in overrides:
         if o.startswith("profile="):
@@ -746,5 +854,18 @@ def config_lookup(cfg: Mapping[str, Any]) -> Callable[[str], Any]:
     return lookup
 
 
-__all__ = ["Objective", "Resources", "SpecError", "SweepSpec", "Trial", "build_spec", "config_lookup",
-           "expression_names", "hydra_value", "load_spec", "override", "parse_override", "safe_eval"]
+__all__ = [
+    "Objective",
+    "Resources",
+    "SpecError",
+    "SweepSpec",
+    "Trial",
+    "build_spec",
+    "config_lookup",
+    "expression_names",
+    "hydra_value",
+    "load_spec",
+    "override",
+    "parse_override",
+    "safe_eval",
+]

@@ -41,8 +41,9 @@ from harness.compose import ConfigValidationError, compose, validate
 from harness.spec import SpecError, SweepSpec, config_lookup, load_spec
 
 
-def plan(path: str, overrides: list[str] | tuple[str, ...] = (), *, check_paths: bool = True
-         ) -> tuple[SweepSpec, list[dict[str, Any]]]:
+def plan(
+    path: str, overrides: list[str] | tuple[str, ...] = (), *, check_paths: bool = True
+) -> tuple[SweepSpec, list[dict[str, Any]]]:
     """Loads the spec, expands it, composes and validates every trial.
 
     Returns:
@@ -148,8 +149,17 @@ def trial_table(trials: list[dict[str, Any]]) -> list[str]:
             if k not in keys:
                 keys.append(k)
     cols = ["#", "arm", *keys, "seed", "point_id", "run_name"]
-    rows = [[str(t["index"]), t["arm"] or "-", *[_cell(t["values"].get(k, "")) for k in keys], str(t["seed"]),
-             t["point_id"], t["run_name"]] for t in trials]
+    rows = [
+        [
+            str(t["index"]),
+            t["arm"] or "-",
+            *[_cell(t["values"].get(k, "")) for k in keys],
+            str(t["seed"]),
+            t["point_id"],
+            t["run_name"],
+        ]
+        for t in trials
+    ]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return [fmt.format(*cols), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows]
@@ -209,8 +219,10 @@ def validate_main(argv: list[str] | None = None) -> int:
         print(f"harness validate: warning: {problem}", file=sys.stderr)
     if opts.get("table"):
         print("\n".join(trial_table(trials)))
-    print(f"OK: {len(trials)} trials expanded, composed and validated in {time.perf_counter() - t0:.1f}s",
-          file=sys.stderr)
+    print(
+        f"OK: {len(trials)} trials expanded, composed and validated in {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -220,8 +232,16 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     try:
         spec_path, overrides, opts = _split_args(
-            argv, {"dry-run": False, "num-cpus": True, "progress-every": True, "verbose": False, "no-report": False,
-                   "no-resource-check": False})
+            argv,
+            {
+                "dry-run": False,
+                "num-cpus": True,
+                "progress-every": True,
+                "verbose": False,
+                "no-report": False,
+                "no-resource-check": False,
+            },
+        )
         if spec_path is None:
             raise SpecError("missing SPEC (a sweep YAML, e.g. sweeps/expert_vs_length.yaml)")
         num_cpus = opts.get("num-cpus")
@@ -241,17 +261,23 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"harness sweep: {spec.source or spec.name}: {problem}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO if opts.get("verbose") else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if opts.get("verbose") else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     from harness.launch import run_sweep
 
     try:
-        rc = run_sweep(spec, trials, num_cpus=int(opts["num-cpus"]) if opts.get("num-cpus") else None,
-                       progress_every_s=float(opts.get("progress-every") or 30.0),
-                       verbose=bool(opts.get("verbose")))
+        rc = run_sweep(
+            spec,
+            trials,
+            num_cpus=int(opts["num-cpus"]) if opts.get("num-cpus") else None,
+            progress_every_s=float(opts.get("progress-every") or 30.0),
+            verbose=bool(opts.get("verbose")),
+        )
     except KeyboardInterrupt:
-        print(f"\nharness sweep: interrupted; run the same command again to resume {spec.sweep_id}",
-              file=sys.stderr)
+        print(f"\nharness sweep: interrupted; run the same command again to resume {spec.sweep_id}", file=sys.stderr)
         return 130
     if not opts.get("no-report"):
         report_after_sweep(spec, trials)
@@ -268,10 +294,17 @@ def report_after_sweep(spec: SweepSpec, trials: list[dict[str, Any]]) -> bool:
 
     cfg = trials[0]["cfg"]
     try:
-        report_sweeps(tracking_target(cfg)[0], name=spec.name, sweep_id=spec.sweep_id,
-                      run_root=Path(cfg["paths"]["run_root"]).expanduser().resolve())
+        report_sweeps(
+            tracking_target(cfg)[0],
+            name=spec.name,
+            sweep_id=spec.sweep_id,
+            run_root=Path(cfg["paths"]["run_root"]).expanduser().resolve(),
+        )
         return True
     except Exception as e:  # noqa: BLE001 - the sweep's result stands; say how to retry
-        print(f"harness sweep: the report was not written ({type(e).__name__}: {e}); retry with "
-              f"`harness report --sweep {spec.name} --sweep-id {spec.sweep_id}`", file=sys.stderr)
+        print(
+            f"harness sweep: the report was not written ({type(e).__name__}: {e}); retry with "
+            f"`harness report --sweep {spec.name} --sweep-id {spec.sweep_id}`",
+            file=sys.stderr,
+        )
         return False

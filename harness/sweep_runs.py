@@ -60,11 +60,21 @@ def open_parent_run(spec, cfg: dict[str, Any], trials: list[dict[str, Any]]):
     uri, experiment = tracking_target(cfg)
     git = git_info()
     tracker = MLflowTracker.open(
-        uri, experiment, run_name=spec.sweep_id, trial_key=f"sweep/{spec.sweep_id}",
-        tags={SWEEP_TAG: spec.sweep_id, "harness.spec_hash": spec.spec_hash, "harness.spec_name": spec.name,
-              "harness.profile": spec.profile or "", "harness.git_sha": git.get("sha") or "",
-              "harness.git_dirty": str(git.get("dirty")), "harness.role": "sweep",
-              "harness.num_trials": len(trials), "harness.resources": json.dumps(spec.resources.__dict__)},
+        uri,
+        experiment,
+        run_name=spec.sweep_id,
+        trial_key=f"sweep/{spec.sweep_id}",
+        tags={
+            SWEEP_TAG: spec.sweep_id,
+            "harness.spec_hash": spec.spec_hash,
+            "harness.spec_name": spec.name,
+            "harness.profile": spec.profile or "",
+            "harness.git_sha": git.get("sha") or "",
+            "harness.git_dirty": str(git.get("dirty")),
+            "harness.role": "sweep",
+            "harness.num_trials": len(trials),
+            "harness.resources": json.dumps(spec.resources.__dict__),
+        },
         params=flatten_config({"spec": spec.normalized(), "profile": spec.profile or "none"}),
     )
     with tempfile.TemporaryDirectory() as d:
@@ -91,8 +101,9 @@ def finished_child_metrics(cfg: dict[str, Any], trial_key: str) -> dict[str, flo
     client, exp = _client_and_experiment(cfg)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TRIAL_KEY_TAG}` = '{trial_key}'",
-                              max_results=10)
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{TRIAL_KEY_TAG}` = '{trial_key}'", max_results=10
+    )
     for r in runs:
         if r.info.status == "FINISHED":
             return dict(r.data.metrics)
@@ -106,8 +117,12 @@ def sweep_children(cfg: dict[str, Any], sweep_id: str) -> list[Any]:
         return []
     runs, token = [], None
     while True:
-        page = client.search_runs([exp.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and "
-                                  f"tags.`harness.role` = 'trial'", max_results=1000, page_token=token)
+        page = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`harness.role` = 'trial'",
+            max_results=1000,
+            page_token=token,
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -115,8 +130,9 @@ def sweep_children(cfg: dict[str, Any], sweep_id: str) -> list[Any]:
 
 
 # -- after Tune: the closing lines ------------------------------------------------------------------------------------
-def sweep_outcome(spec, trials: list[dict[str, Any]], n_err: int, *, parent_run_id: str, t0: float, exp_dir: Path,
-                  out) -> tuple[int, str]:
+def sweep_outcome(
+    spec, trials: list[dict[str, Any]], n_err: int, *, parent_run_id: str, t0: float, exp_dir: Path, out
+) -> tuple[int, str]:
     """Prints how the sweep ended, from the MLflow child runs (counts; every deterministic failure's cause; the
     trials not finished and what to do); returns (exit code: 0 when every trial has a FINISHED child run, else 1,
     status of the parent run)."""
@@ -125,27 +141,46 @@ def sweep_outcome(spec, trials: list[dict[str, Any]], n_err: int, *, parent_run_
     finished = {r.data.tags.get("harness.trial_key") for r in children if r.info.status == "FINISHED"}
     missing = [t for t in trials if t["trial_key"] not in finished]
     status = "FINISHED" if not missing else ("FAILED" if n_err else "KILLED")
-    print(f"[{sid}] {len(trials) - len(missing)}/{len(trials)} trials FINISHED, {n_err} errored, "
-          f"{time.time() - t0:.0f}s; MLflow parent run {parent_run_id}", file=out, flush=True)
+    print(
+        f"[{sid}] {len(trials) - len(missing)}/{len(trials)} trials FINISHED, {n_err} errored, "
+        f"{time.time() - t0:.0f}s; MLflow parent run {parent_run_id}",
+        file=out,
+        flush=True,
+    )
     _print_failures(sid, children, missing, exp_dir, out)
     if missing:
-        print(f"[{sid}] not finished: " + ", ".join(f"{t['label']}-s{t['seed']}" for t in missing[:20])
-              + ("; re-run the same command to resume" if status == "KILLED" else
-                 "; see the trials' error.txt under " + str(exp_dir)), file=out, flush=True)
+        print(
+            f"[{sid}] not finished: "
+            + ", ".join(f"{t['label']}-s{t['seed']}" for t in missing[:20])
+            + (
+                "; re-run the same command to resume"
+                if status == "KILLED"
+                else "; see the trials' error.txt under " + str(exp_dir)
+            ),
+            file=out,
+            flush=True,
+        )
     return (0 if not missing else 1), status
 
 
 def _print_failures(sid: str, children: list[Any], missing: list[dict[str, Any]], exp_dir: Path, out) -> None:
-    causes = {r.data.tags.get("harness.trial_key"): r.data.tags["harness.error"] for r in children
-              if r.info.status == "FAILED" and r.data.tags.get("harness.error")}
+    causes = {
+        r.data.tags.get("harness.trial_key"): r.data.tags["harness.error"]
+        for r in children
+        if r.info.status == "FAILED" and r.data.tags.get("harness.error")
+    }
     failed = [t for t in missing if t["trial_key"] in causes]
     for t in failed:
-        print(f"[{sid}] {t['label']}-s{t['seed']} FAILED: {causes[t['trial_key']].splitlines()[0]}",
-              file=out, flush=True)
+        print(
+            f"[{sid}] {t['label']}-s{t['seed']} FAILED: {causes[t['trial_key']].splitlines()[0]}", file=out, flush=True
+        )
     if failed:
-        print(f"[{sid}] a deterministic failure is not retried; fix its cause, then `rm -r {exp_dir}` "
-              "and re-run the same command: FINISHED trials are skipped (their MLflow runs), the others run again",
-              file=out, flush=True)
+        print(
+            f"[{sid}] a deterministic failure is not retried; fix its cause, then `rm -r {exp_dir}` "
+            "and re-run the same command: FINISHED trials are skipped (their MLflow runs), the others run again",
+            file=out,
+            flush=True,
+        )
 
 
 # -- progress ---------------------------------------------------------------------------------------------------------
@@ -156,8 +191,9 @@ def _fmt_s(s: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
 
 
-def progress_lines(rows: list[dict[str, Any]], *, sweep_id: str, objective: str, concurrency: int,
-                   elapsed: float) -> list[str]:
+def progress_lines(
+    rows: list[dict[str, Any]], *, sweep_id: str, objective: str, concurrency: int, elapsed: float
+) -> list[str]:
     """The progress table. Each row: label, seed, state, epoch (0-based, last reported), epochs, metric, start, end,
     duration (seconds, for finished trials), skipped."""
     final = ("TERMINATED", "ERROR")
@@ -174,8 +210,10 @@ def progress_lines(rows: list[dict[str, Any]], *, sweep_id: str, objective: str,
     if est is not None:
         left = sum(est * (1 - (r.get("frac") or 0.0)) for r in rows if r["state"] == "RUNNING") + est * n_pend
         eta = left / max(1, min(concurrency, n_run + n_pend)) if (n_run + n_pend) else 0.0
-    head = (f"[{sweep_id}] {time.strftime('%H:%M:%S')}  elapsed {_fmt_s(elapsed)}  done {n_done}/{len(rows)}  "
-            f"running {n_run}  pending {n_pend}  errors {n_err}  ETA {_fmt_s(eta) if n_done < len(rows) else '0s'}")
+    head = (
+        f"[{sweep_id}] {time.strftime('%H:%M:%S')}  elapsed {_fmt_s(elapsed)}  done {n_done}/{len(rows)}  "
+        f"running {n_run}  pending {n_pend}  errors {n_err}  ETA {_fmt_s(eta) if n_done < len(rows) else '0s'}"
+    )
     w = max([len(r["label"]) for r in rows] + [5])
     lines = [head, f"  {'trial':<{w}}  seed  {'state':<10}  epoch  {objective:>14}  time"]
     for r in rows:
@@ -189,8 +227,14 @@ def progress_lines(rows: list[dict[str, Any]], *, sweep_id: str, objective: str,
     return lines
 
 
-def progress_rows(trials: list[Any], planned: list[tuple[str, int, int]], start: dict[str, float],
-                  end: dict[str, float], objective: str, now: float) -> list[dict[str, Any]]:
+def progress_rows(
+    trials: list[Any],
+    planned: list[tuple[str, int, int]],
+    start: dict[str, float],
+    end: dict[str, float],
+    objective: str,
+    now: float,
+) -> list[dict[str, Any]]:
     """The rows of :func:`progress_lines` for Tune's trials (start / end: trial id -> time) and the planned trials
     Tune has not created yet ((label, seed, epochs); PENDING)."""
     rows = []
@@ -203,14 +247,38 @@ def progress_rows(trials: list[Any], planned: list[tuple[str, int, int]], start:
         t_start = start.get(tr.trial_id)
         t_end = end.get(tr.trial_id)
         dur = (t_end - t_start) if (t_start and t_end) else res.get("time_total_s")
-        rows.append({"label": t["label"], "seed": t["seed"], "state": tr.status, "epoch": epoch,
-                     "epochs": epochs, "metric": res.get(objective), "frac": min(frac, 1.0),
-                     "running_for": (now - t_start) if t_start else None, "duration": dur,
-                     "skipped": bool(res.get(SKIPPED_KEY)), "status": res.get(STATUS_KEY)})
+        rows.append(
+            {
+                "label": t["label"],
+                "seed": t["seed"],
+                "state": tr.status,
+                "epoch": epoch,
+                "epochs": epochs,
+                "metric": res.get(objective),
+                "frac": min(frac, 1.0),
+                "running_for": (now - t_start) if t_start else None,
+                "duration": dur,
+                "skipped": bool(res.get(SKIPPED_KEY)),
+                "status": res.get(STATUS_KEY),
+            }
+        )
     seen = {(r["label"], r["seed"]) for r in rows}
-    rows += [{"label": lab, "seed": seed, "state": "PENDING", "epoch": None, "epochs": ep, "metric": None,
-              "frac": 0.0, "running_for": None, "duration": None, "skipped": False}
-             for lab, seed, ep in planned if (lab, seed) not in seen]
+    rows += [
+        {
+            "label": lab,
+            "seed": seed,
+            "state": "PENDING",
+            "epoch": None,
+            "epochs": ep,
+            "metric": None,
+            "frac": 0.0,
+            "running_for": None,
+            "duration": None,
+            "skipped": False,
+        }
+        for lab, seed, ep in planned
+        if (lab, seed) not in seen
+    ]
     return rows
 
 
@@ -223,8 +291,15 @@ class _ProgressTable:
     """The trial table (state, epoch, objective) and an ETA, printed every `every_s` s and when a trial ends: the
     methods of the Tune callback that :func:`make_progress_callback` builds (Ray is imported only by a sweep)."""
 
-    def __init__(self, sweep_id: str, objective: str, concurrency: int, every_s: float,
-                 planned: list[tuple[str, int, int]], stream=None):
+    def __init__(
+        self,
+        sweep_id: str,
+        objective: str,
+        concurrency: int,
+        every_s: float,
+        planned: list[tuple[str, int, int]],
+        stream=None,
+    ):
         self.sweep_id, self.objective, self.concurrency, self.every_s = sweep_id, objective, concurrency, every_s
         self.planned = list(planned)  # (label, seed, epochs) of every trial, Tune creates them lazily
         self._stream = stream
@@ -234,8 +309,11 @@ class _ProgressTable:
         self._last = 0.0
 
     def __getstate__(self):  # pickled into the experiment state with the run config
-        return {k: v for k, v in self.__dict__.items() if k in ("sweep_id", "objective", "concurrency",
-                                                                 "every_s", "planned")}
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if k in ("sweep_id", "objective", "concurrency", "every_s", "planned")
+        }
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -253,8 +331,11 @@ class _ProgressTable:
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end[trial.trial_id] = time.time()
-        print(_trial_event(self.sweep_id, trial, f"failed: {trial.error_file or ''}"),
-              file=self._stream or sys.stdout, flush=True)
+        print(
+            _trial_event(self.sweep_id, trial, f"failed: {trial.error_file or ''}"),
+            file=self._stream or sys.stdout,
+            flush=True,
+        )
         self._print(trials)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
@@ -272,13 +353,19 @@ class _ProgressTable:
         now = time.time()
         self._last = now
         rows = progress_rows(trials, getattr(self, "planned", []), self._start, self._end, self.objective, now)
-        lines = progress_lines(rows, sweep_id=self.sweep_id, objective=self.objective,
-                               concurrency=self.concurrency, elapsed=now - self._t0)
+        lines = progress_lines(
+            rows,
+            sweep_id=self.sweep_id,
+            objective=self.objective,
+            concurrency=self.concurrency,
+            elapsed=now - self._t0,
+        )
         print("\n".join(lines), file=self._stream or sys.stdout, flush=True)
 
 
-def make_progress_callback(sweep_id: str, objective: str, concurrency: int, every_s: float,
-                           planned: list[tuple[str, int, int]], stream=None):
+def make_progress_callback(
+    sweep_id: str, objective: str, concurrency: int, every_s: float, planned: list[tuple[str, int, int]], stream=None
+):
     """The sweep's progress table as a Tune callback (see :class:`_ProgressTable`); printed to `stream` (stdout)."""
     from ray.tune import Callback
 
@@ -288,6 +375,19 @@ def make_progress_callback(sweep_id: str, objective: str, concurrency: int, ever
     return ProgressTable(sweep_id, objective, concurrency, every_s, planned, stream)
 
 
-__all__ = ["FINISHED_KEY", "OBJECTIVE_KEY", "SKIPPED_KEY", "STATUS_KEY", "SWEEP_TAG", "child_tags",
-           "finished_child_metrics", "make_progress_callback", "open_parent_run", "progress_lines", "progress_rows",
-           "sweep_children", "sweep_outcome", "tracking_target"]
+__all__ = [
+    "FINISHED_KEY",
+    "OBJECTIVE_KEY",
+    "SKIPPED_KEY",
+    "STATUS_KEY",
+    "SWEEP_TAG",
+    "child_tags",
+    "finished_child_metrics",
+    "make_progress_callback",
+    "open_parent_run",
+    "progress_lines",
+    "progress_rows",
+    "sweep_children",
+    "sweep_outcome",
+    "tracking_target",
+]

@@ -67,9 +67,17 @@ class TrackingUnavailable(RuntimeError):
 # (MLflow's default code INTERNAL_ERROR is not one of them: it also marks real bugs; an unreachable server is
 # recognised by its message, a 5xx answer by "error code 5xx")
 _TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}
-_TRANSIENT_TEXT = ("database is locked", "unable to open database", "disk i/o error", "max retries exceeded",
-                   "connection refused", "connection reset", "connection aborted", "timed out",
-                   "temporarily unavailable")
+_TRANSIENT_TEXT = (
+    "database is locked",
+    "unable to open database",
+    "disk i/o error",
+    "max retries exceeded",
+    "connection refused",
+    "connection reset",
+    "connection aborted",
+    "timed out",
+    "temporarily unavailable",
+)
 _HTTP_5XX = re.compile(r"error code 5\d\d")
 
 
@@ -90,8 +98,9 @@ def retry_budget_s() -> float:
     try:
         return float(os.environ.get("HARNESS_MLFLOW_RETRY_S", "600"))
     except ValueError:
-        raise ValueError(f"HARNESS_MLFLOW_RETRY_S={os.environ['HARNESS_MLFLOW_RETRY_S']!r} is not a number of "
-                         "seconds") from None
+        raise ValueError(
+            f"HARNESS_MLFLOW_RETRY_S={os.environ['HARNESS_MLFLOW_RETRY_S']!r} is not a number of seconds"
+        ) from None
 
 
 @runtime_checkable
@@ -293,8 +302,15 @@ class MLflowTracker:
     Usable as a context manager: the run ends FINISHED, FAILED on an exception, KILLED on ``KeyboardInterrupt``.
     """
 
-    def __init__(self, client: Any, run_id: str, *, resumed: bool = False, retry_s: float | None = None,
-                 spill_path: str | Path | None = None):
+    def __init__(
+        self,
+        client: Any,
+        run_id: str,
+        *,
+        resumed: bool = False,
+        retry_s: float | None = None,
+        spill_path: str | Path | None = None,
+    ):
         self.client = client
         self._run_id = run_id
         self.resumed = resumed
@@ -466,8 +482,11 @@ class MLflowTracker:
                 return False
             self._pending.pop(0)
         if self._down_since is not None:
-            log.warning("MLflow store is back after %.0f s; run %s: buffered metrics logged",
-                        time.monotonic() - self._down_since, self._run_id)
+            log.warning(
+                "MLflow store is back after %.0f s; run %s: buffered metrics logged",
+                time.monotonic() - self._down_since,
+                self._run_id,
+            )
         self._down_since, self._backoff, self._next_try = None, 1.0, 0.0
         return True
 
@@ -475,8 +494,12 @@ class MLflowTracker:
         now = time.monotonic()
         if self._down_since is None:
             self._down_since = now
-            log.warning("MLflow store unavailable (%s: %s); run %s keeps training, buffering metrics and retrying",
-                        type(e).__name__, str(e).splitlines()[0][:200], self._run_id)
+            log.warning(
+                "MLflow store unavailable (%s: %s); run %s keeps training, buffering metrics and retrying",
+                type(e).__name__,
+                str(e).splitlines()[0][:200],
+                self._run_id,
+            )
         self._next_try = now + self._backoff
         self._backoff = min(self._backoff * 2, 60.0)
 
@@ -504,17 +527,25 @@ class MLflowTracker:
             with self.spill_path.open("w") as f:
                 for row in self.pending_metrics():  # everything still buffered, replayed rows included
                     f.write(json.dumps(row) + "\n")
-            where = (f"; they are saved in {self.spill_path} and logged into the run when the trial is resumed "
-                     "(re-run the same command once the store is reachable)")
+            where = (
+                f"; they are saved in {self.spill_path} and logged into the run when the trial is resumed "
+                "(re-run the same command once the store is reachable)"
+            )
         uri = getattr(self.client, "_tracking_client", None)
         uri = getattr(uri, "tracking_uri", None) or getattr(self.client, "tracking_uri", "?")
-        return (f"MLflow store {uri} unavailable for {self.retry_s:.0f} s (HARNESS_MLFLOW_RETRY_S): {n} metric "
-                f"values of run {self._run_id} not logged{where}")
+        return (
+            f"MLflow store {uri} unavailable for {self.retry_s:.0f} s (HARNESS_MLFLOW_RETRY_S): {n} metric "
+            f"values of run {self._run_id} not logged{where}"
+        )
 
     def pending_metrics(self) -> list[list[Any]]:
         """Buffered metric values as ``[key, value, timestamp_ms, step]`` rows (weights_only-safe, for checkpoints)."""
-        return [[m.key, float(m.value), int(m.timestamp), int(m.step)]
-                for kind, chunk in self._pending if kind == "metrics" for m in chunk]
+        return [
+            [m.key, float(m.value), int(m.timestamp), int(m.step)]
+            for kind, chunk in self._pending
+            if kind == "metrics"
+            for m in chunk
+        ]
 
     def requeue_metrics(self, rows: Iterable[Iterable[Any]]) -> None:
         """Buffers rows from :meth:`pending_metrics` again (after a resume); their original timestamps make a value
@@ -587,8 +618,14 @@ class RunLifecycle:
     are set first, whatever the outcome. The exception always propagates.
     """
 
-    def __init__(self, tracker: Tracker, *, killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
-                 record_error: bool = True, close_tags: Callable[[], Mapping[str, Any]] | None = None):
+    def __init__(
+        self,
+        tracker: Tracker,
+        *,
+        killed_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
+        record_error: bool = True,
+        close_tags: Callable[[], Mapping[str, Any]] | None = None,
+    ):
         self.tracker, self.killed_by, self.record_error, self.close_tags = tracker, killed_by, record_error, close_tags
         self.status: RunStatus = "FINISHED"
 

@@ -35,10 +35,12 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = run_dir_of(cfg)
     if not cfg.get("resume") and list_checkpoints(run_dir):
-        print(f"harness train: {run_dir} already holds checkpoints of this exact configuration (run "
-              f"{cfg['run_name']}); add resume=true to continue it, or set run_name=<new name> for a separate run "
-              "(nothing was changed)",
-              file=sys.stderr)
+        print(
+            f"harness train: {run_dir} already holds checkpoints of this exact configuration (run "
+            f"{cfg['run_name']}); add resume=true to continue it, or set run_name=<new name> for a separate run "
+            "(nothing was changed)",
+            file=sys.stderr,
+        )
         return 2
     from harness.checkpoint import CheckpointError
     from harness.recipe import TrainingDiverged, train

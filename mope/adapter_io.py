@@ -118,7 +118,9 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_adapter(model: FusionModel, out_dir: str | Path, *, is_main_process: bool = True, extra: dict | None = None) -> Path:
+def save_adapter(
+    model: FusionModel, out_dir: str | Path, *, is_main_process: bool = True, extra: dict | None = None
+) -> Path:
     """Writes the adapter; only the main process writes (DDP/DeepSpeed ranks must not race on one file)."""
     out = Path(out_dir)
     if not is_main_process:
@@ -170,7 +172,9 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def read_adapter_config(adapter_dir: str | Path) -> FusionConfig:
     doc = _read_doc(Path(adapter_dir))
     if doc is None:
-        raise AdapterMismatchError(f"{Path(adapter_dir) / ADAPTER_FILE} carries no config (not written by save_adapter)")
+        raise AdapterMismatchError(
+            f"{Path(adapter_dir) / ADAPTER_FILE} carries no config (not written by save_adapter)"
+        )
     return FusionConfig.from_dict(doc["model"])
 
 
@@ -196,15 +200,19 @@ def load_adapter(model: FusionModel, adapter_dir: str | Path, *, check_config: b
         ]
         if diffs:
             raise AdapterMismatchError(
-                f"adapter {d} was saved for a different model configuration:\n  " + "\n  ".join(diffs)
+                f"adapter {d} was saved for a different model configuration:\n  "
+                + "\n  ".join(diffs)
                 + "\nBuild the model from the adapter's config (mope.adapter_io.read_adapter_config) or pass matching overrides."
             )
     state = _load_tensors(d / ADAPTER_FILE)
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: saved {tuple(state[k].shape)}, model {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k}: saved {tuple(state[k].shape)}, model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
         raise AdapterMismatchError(
             f"adapter {d} does not fit this model: missing {missing[:8]}, unexpected {unexpected[:8]}, "

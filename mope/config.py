@@ -144,7 +144,9 @@ class MoPEConfig:
         self.router_noise = _coerce_enum(o, "router_noise", self.router_noise, RouterNoise)
         self.routing = _coerce_enum(o, "routing", self.routing, Routing)
         self.routing_keys = _coerce_enum(o, "routing_keys", self.routing_keys, RoutingKeys)
-        self.window_prompt_layout = _coerce_enum(o, "window_prompt_layout", self.window_prompt_layout, WindowPromptLayout)
+        self.window_prompt_layout = _coerce_enum(
+            o, "window_prompt_layout", self.window_prompt_layout, WindowPromptLayout
+        )
         self.mapper_bn = _coerce_enum(o, "mapper_bn", self.mapper_bn, MapperBN)
         self.prompt_dropout_targets = _coerce_enum(
             o, "prompt_dropout_targets", self.prompt_dropout_targets, PromptDropoutTargets
@@ -256,9 +258,11 @@ class FusionConfig:
     main: str = field(default="vision", metadata={"help": "main (prompted) modality: vision | text"})
     complementary: list[str] | None = field(
         default=None,
-        metadata={"help": "complementary modalities whose features, concatenated in this order, form psi; None = the "
-                  "other of vision/text. Several (e.g. [audio, video] into a text-main MoPE, MUStARD) are frozen "
-                  "black boxes"},
+        metadata={
+            "help": "complementary modalities whose features, concatenated in this order, form psi; None = the "
+            "other of vision/text. Several (e.g. [audio, video] into a text-main MoPE, MUStARD) are frozen "
+            "black boxes"
+        },
     )
     num_classes: int = 101
     task: Task = Task.SINGLE_LABEL
@@ -286,15 +290,30 @@ class FusionConfig:
                 setattr(self, name, EncoderConfig(**getattr(self, name)))
         _check(self.main in ("vision", "text"), "model", "main", self.main, "'vision' or 'text'")
         comp = self.complementary_modalities
-        _check(len(comp) >= 1 and len(set(comp)) == len(comp) and self.main not in comp, "model", "complementary",
-               self.complementary, f"distinct modalities other than the main one ({self.main!r})")
+        _check(
+            len(comp) >= 1 and len(set(comp)) == len(comp) and self.main not in comp,
+            "model",
+            "complementary",
+            self.complementary,
+            f"distinct modalities other than the main one ({self.main!r})",
+        )
         for m in comp:
             _check(m in MODALITIES, "model", "complementary", self.complementary, f"each one of {MODALITIES}")
-            _check(getattr(self, m) is not None, "model", "complementary", self.complementary,
-                   f"{m!r} needs its encoder config (e.g. {m}={'wav2vec2_base' if m == 'audio' else 'vit_b16'})")
+            _check(
+                getattr(self, m) is not None,
+                "model",
+                "complementary",
+                self.complementary,
+                f"{m!r} needs its encoder config (e.g. {m}={'wav2vec2_base' if m == 'audio' else 'vit_b16'})",
+            )
         if self.video is not None:
-            _check(self.video.kind in ("timm_vit", "timm_swin"), "video", "kind", self.video.kind,
-                   "a timm vision encoder (timm_vit | timm_swin) run on every frame")
+            _check(
+                self.video.kind in ("timm_vit", "timm_swin"),
+                "video",
+                "kind",
+                self.video.kind,
+                "a timm vision encoder (timm_vit | timm_swin) run on every frame",
+            )
         if self.audio is not None:
             _check(self.audio.kind == "hf_wav2vec2", "audio", "kind", self.audio.kind, "'hf_wav2vec2'")
         _check(self.num_classes >= 1, "model", "num_classes", self.num_classes, ">= 1")
@@ -317,7 +336,7 @@ class FusionConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FusionConfig":
+    def from_dict(cls, d: dict[str, Any]) -> FusionConfig:
         """Builds from a plain dict; unknown keys raise (a typo must not silently fall back to a default)."""
         d = dict(d)
         d.pop("config_version", None)
@@ -340,8 +359,13 @@ def _build(cls: type, d: dict[str, Any], owner: str) -> Any:
     if unknown:
         raise ConfigError(f"{owner}: unknown field(s) {unknown}; known fields: {sorted(names)}")
     kwargs: dict[str, Any] = {}
-    nested = {"vision": EncoderConfig, "text": EncoderConfig, "audio": EncoderConfig, "video": EncoderConfig,
-              "mope": MoPEConfig}
+    nested = {
+        "vision": EncoderConfig,
+        "text": EncoderConfig,
+        "audio": EncoderConfig,
+        "video": EncoderConfig,
+        "mope": MoPEConfig,
+    }
     for k, v in d.items():
         if k in nested and isinstance(v, dict) and cls is FusionConfig:
             kwargs[k] = _build(nested[k], v, f"{owner}.{k}")

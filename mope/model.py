@@ -11,8 +11,9 @@ Batch contract (built by the data loader; no tokenization here):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +47,10 @@ def _inputs_for(modality: str, batch: Mapping[str, Any]) -> Any:
         return batch["image"]
     keys = _BATCH_KEYS[modality]
     if keys[0] not in batch:
-        raise KeyError(f"the batch has no {keys[0]!r} field for the {modality} encoder (batch keys {sorted(batch)}); "
-                       f"the shards must carry {modality} (e.g. `harness prep mustard --opt frames=8` for video)")
+        raise KeyError(
+            f"the batch has no {keys[0]!r} field for the {modality} encoder (batch keys {sorted(batch)}); "
+            f"the shards must carry {modality} (e.g. `harness prep mustard --opt frames=8` for video)"
+        )
     return {k: batch[k] for k in keys if k in batch}
 
 
@@ -80,12 +83,12 @@ class FusionModel(nn.Module):
 
     def __init__(self, cfg: FusionConfig, comp_module: nn.Module | None = None):
         """Args:
-            cfg: the model configuration.
-            comp_module: optional custom complementary encoder: any module mapping the batch's inputs of the
-                complementary modality to a (B, out_dim) vector, with an ``out_dim`` attribute (e.g. a frozen
-                sentence encoder, :class:`~mope.backbones.blackbox.BagOfWordsEncoder`). It replaces ``cfg.text``
-                (or ``cfg.vision`` when text is main); it is never prompt-tuned; its own ``requires_grad`` flags
-                decide what trains (BoW's projector does, the embeddings don't).
+        cfg: the model configuration.
+        comp_module: optional custom complementary encoder: any module mapping the batch's inputs of the
+            complementary modality to a (B, out_dim) vector, with an ``out_dim`` attribute (e.g. a frozen
+            sentence encoder, :class:`~mope.backbones.blackbox.BagOfWordsEncoder`). It replaces ``cfg.text``
+            (or ``cfg.vision`` when text is main); it is never prompt-tuned; its own ``requires_grad`` flags
+            decide what trains (BoW's projector does, the embeddings don't).
         """
         super().__init__()
         self.cfg = cfg
@@ -97,10 +100,12 @@ class FusionModel(nn.Module):
         self.comp_modalities = list(comp_mods)
         self.comp_modality = "+".join(comp_mods)
         if len(comp_mods) > 1 and (self.spec.train_comp or comp_module is not None):
-            raise ValueError(f"model.complementary={comp_mods}: several complementary modalities are frozen black "
-                             f"boxes; method {cfg.method.value!r} fine-tunes the complementary encoder (or a custom one "
-                             "was given): use one complementary modality, or a prompt method (mope, vanilla_prompt, "
-                             "p_sequential_fuse, promptfuse)")
+            raise ValueError(
+                f"model.complementary={comp_mods}: several complementary modalities are frozen black "
+                f"boxes; method {cfg.method.value!r} fine-tunes the complementary encoder (or a custom one "
+                "was given): use one complementary modality, or a prompt method (mope, vanilla_prompt, "
+                "p_sequential_fuse, promptfuse)"
+            )
         pcfg = main_prompt_config(cfg)
         self.prompt_cfg = pcfg
         m = pcfg or cfg.mope
@@ -121,12 +126,16 @@ class FusionModel(nn.Module):
                     raise ValueError("comp_module needs an `out_dim` attribute (width of its output vector)")
                 self.comp_encoder = comp_module
             elif len(comp_mods) > 1:
-                self.comp_encoder = MultiComplementary({
-                    m: _create_modality_encoder(m, getattr(cfg, m), x0_pool=DEFAULT_X0_POOL[getattr(cfg, m).kind])
-                    for m in comp_mods})
+                self.comp_encoder = MultiComplementary(
+                    {
+                        m: _create_modality_encoder(m, getattr(cfg, m), x0_pool=DEFAULT_X0_POOL[getattr(cfg, m).kind])
+                        for m in comp_mods
+                    }
+                )
             else:
-                self.comp_encoder = _create_modality_encoder(comp_mods[0], comp_cfg,
-                                                             x0_pool=DEFAULT_X0_POOL[comp_cfg.kind])
+                self.comp_encoder = _create_modality_encoder(
+                    comp_mods[0], comp_cfg, x0_pool=DEFAULT_X0_POOL[comp_cfg.kind]
+                )
         comp_dim = _out_dim(self.comp_encoder) if self.comp_encoder is not None else 0
         self.comp_dim = comp_dim
 
@@ -193,7 +202,7 @@ class FusionModel(nn.Module):
             return not any(p.requires_grad for p in self.comp_encoder.parameters())
         return not self.cfg.comp_tuned
 
-    def train(self, mode: bool = True) -> "FusionModel":
+    def train(self, mode: bool = True) -> FusionModel:
         super().train(mode)
         # Frozen encoders (mope-reference §1.8): a frozen timm encoder runs in eval whatever prompts it carries (the
         # reference's train() override: no DropPath / dropout inside the frozen blocks, main or complementary role);

@@ -10,7 +10,7 @@ mope-reference §8 test 4 for k=4.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from mope.config import EncoderConfig, FusionConfig, Method, MoPEConfig
 
@@ -20,14 +20,22 @@ SWIN_B = EncoderConfig(kind="timm_swin", name="swin_base_patch4_window7_224", kw
 VIT_B = EncoderConfig(kind="timm_vit", name="vit_base_patch16_224")
 BERT_B = EncoderConfig(kind="hf_bert", name="bert-base-uncased", pool="cls")
 
-W2V2_B = EncoderConfig(kind="hf_wav2vec2", name="facebook/wav2vec2-base-960h", pool="mean",
-                       kwargs={"normalize_waveform": True})
+W2V2_B = EncoderConfig(
+    kind="hf_wav2vec2", name="facebook/wav2vec2-base-960h", pool="mean", kwargs={"normalize_waveform": True}
+)
 
 PAPER_CLASSES = {"snli_ve": 3, "food101": 101, "mmimdb": 23, "mustard": 2}
 
 
-def _paper(method: Method, vision: EncoderConfig = SWIN_B, *, k: int = 16, route_block0: bool | None = True,
-           classes: int = 3, **kw) -> FusionConfig:
+def _paper(
+    method: Method,
+    vision: EncoderConfig = SWIN_B,
+    *,
+    k: int = 16,
+    route_block0: bool | None = True,
+    classes: int = 3,
+    **kw,
+) -> FusionConfig:
     return FusionConfig(
         method=method,
         vision=dataclasses.replace(vision),
@@ -57,17 +65,23 @@ for _m in (
     Method.P_SEQUENTIAL_FUSE,
     Method.PROMPTFUSE,
 ):
-    PRESETS[f"paper/{_m.value}_swin_b"] = (lambda m=_m: _paper(m))
-
+    PRESETS[f"paper/{_m.value}_swin_b"] = lambda m=_m: _paper(m)
 
 
 def _mustard(method: Method, *, k: int = 4) -> FusionConfig:
     """MUStARD (PromptFuse's setup, spec §5.1): BERT-base text main; wav2vec2-base-960h audio + ViT-B/16 per-frame
     video as frozen complementary black boxes, psi = [audio, video] (768 + 768)."""
-    return FusionConfig(method=method, text=dataclasses.replace(BERT_B), audio=dataclasses.replace(W2V2_B),
-                        video=dataclasses.replace(VIT_B), main="text", complementary=["audio", "video"],
-                        num_classes=PAPER_CLASSES["mustard"], mope=MoPEConfig(num_experts=k, prompt_len=6),
-                        comp_prompt_len=0)
+    return FusionConfig(
+        method=method,
+        text=dataclasses.replace(BERT_B),
+        audio=dataclasses.replace(W2V2_B),
+        video=dataclasses.replace(VIT_B),
+        main="text",
+        complementary=["audio", "video"],
+        num_classes=PAPER_CLASSES["mustard"],
+        mope=MoPEConfig(num_experts=k, prompt_len=6),
+        comp_prompt_len=0,
+    )
 
 
 PRESETS["paper/mustard_mope_bert_b_k4"] = lambda: _mustard(Method.MOPE, k=4)

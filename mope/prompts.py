@@ -216,7 +216,7 @@ class PromptGenerator(nn.Module):
     def num_routed(self) -> int:
         return len(self.routed_blocks)
 
-    def bind(self, psi: Tensor | None, batch_size: int) -> "PromptPass":
+    def bind(self, psi: Tensor | None, batch_size: int) -> PromptPass:
         return PromptPass(self, psi, batch_size)
 
 

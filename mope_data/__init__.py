@@ -18,7 +18,15 @@ from .loaders import (
     make_eval_loader,
     make_train_loader,
 )
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, MMBT_MEAN, MMBT_STD, collate, default_tokenizer_path, image_transform
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MMBT_MEAN,
+    MMBT_STD,
+    collate,
+    default_tokenizer_path,
+    image_transform,
+)
 
 __all__ = [
     "IMAGENET_MEAN",

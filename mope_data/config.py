@@ -72,8 +72,11 @@ class LoaderConfig:
         need(self.batch_size >= 1, "batch_size", "must be >= 1 (samples per rank)")
         need(self.num_workers >= 0, "num_workers", "must be >= 0")
         need(self.shots is None or self.shots >= 1, "shots", "must be >= 1, or None for the full training split")
-        need(self.min_batches_per_epoch is None or self.min_batches_per_epoch >= 1, "min_batches_per_epoch",
-             "must be >= 1 or None")
+        need(
+            self.min_batches_per_epoch is None or self.min_batches_per_epoch >= 1,
+            "min_batches_per_epoch",
+            "must be >= 1 or None",
+        )
         need(self.max_text_len >= 1, "max_text_len", "must be >= 1")
         need(self.image_size is None or self.image_size >= 1, "image_size", "must be >= 1 or None")
         need(self.normalization in NORMALIZATIONS, "normalization", f"use one of {NORMALIZATIONS}")

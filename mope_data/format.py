@@ -146,9 +146,7 @@ def dataset_info(data_dir: str | Path, split: str = "train") -> DatasetInfo:
     info = read_json(root / DATASET_INFO) if (root / DATASET_INFO).is_file() else {}
     m = read_manifest(root / split) if (root / split / MANIFEST).is_file() else {}
     if not info and not m:
-        raise MissingShardsError(
-            f"{root}: neither {DATASET_INFO} nor {split}/{MANIFEST}; run `harness prep` first"
-        )
+        raise MissingShardsError(f"{root}: neither {DATASET_INFO} nor {split}/{MANIFEST}; run `harness prep` first")
     return DatasetInfo(
         name=str(info.get("dataset") or m.get("dataset")),
         task=str(info.get("task") or m.get("task")),
@@ -218,7 +216,9 @@ def read_samples(split_dir: str | Path, manifest: dict, keys: list[str]) -> list
         with _open_shard(u) as tar:
             for key, sample in iter_tar_samples(tar, u):
                 if key in want:
-                    found.setdefault(key, {"__key__": key, "__url__": u}).update({e.lower(): v for e, v in sample.items()})
+                    found.setdefault(key, {"__key__": key, "__url__": u}).update(
+                        {e.lower(): v for e, v in sample.items()}
+                    )
     missing = [k for k in keys if k not in found]
     if missing:
         raise ShardFormatError(

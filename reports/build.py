@@ -54,13 +54,26 @@ def results_frame(data: SweepData) -> pd.DataFrame:
     """results.csv: one row per trial (planned trials without a run included), identity, arm and axes, seed, the
     configuration values the report reads, every final/*, perf/*, cost/* metric, status and wall time."""
     runs = add_derived(data.runs)
-    metric_cols = sorted(c for c in runs.columns if c.startswith("final/")) + \
-        sorted(c for c in runs.columns if c.startswith(("perf/", "cost/"))) + \
-        ([COLLAPSE_KEY] if COLLAPSE_KEY in runs else [])
+    metric_cols = (
+        sorted(c for c in runs.columns if c.startswith("final/"))
+        + sorted(c for c in runs.columns if c.startswith(("perf/", "cost/")))
+        + ([COLLAPSE_KEY] if COLLAPSE_KEY in runs else [])
+    )
     first = [c for c in ("arm", *point_columns(data), "seed", "status", "wall_s") if c in runs]
     first = list(dict.fromkeys(first))
-    rest = [c for c in (*ID_COLUMNS, *CONFIG_KEYS, "tunable_prompts", "attended_prompts", "step_time_ms",
-                        "collapsed", "error") if c in runs and c not in first]
+    rest = [
+        c
+        for c in (
+            *ID_COLUMNS,
+            *CONFIG_KEYS,
+            "tunable_prompts",
+            "attended_prompts",
+            "step_time_ms",
+            "collapsed",
+            "error",
+        )
+        if c in runs and c not in first
+    ]
     cols = list(dict.fromkeys([*first, *metric_cols, *rest]))
     return runs[cols]
 
@@ -72,8 +85,10 @@ def missing_items(data: SweepData, metric: str) -> tuple[list[str], list[str]]:
     status = data.meta.get("status")
     n_fin = int((runs["status"] == "FINISHED").sum())
     if status == "RUNNING":
-        missing.append(f"the sweep is still running (parent run RUNNING): {n_fin} of {len(runs)} trials FINISHED so "
-                       "far; this report covers those. Re-run `harness report` when it ends.")
+        missing.append(
+            f"the sweep is still running (parent run RUNNING): {n_fin} of {len(runs)} trials FINISHED so "
+            "far; this report covers those. Re-run `harness report` when it ends."
+        )
     for _, r in runs[runs["status"] != "FINISHED"].iterrows():
         who = f"{r['label']} seed {r['seed']}"
         if r["status"] == STATUS_MISSING:
@@ -85,8 +100,11 @@ def missing_items(data: SweepData, metric: str) -> tuple[list[str], list[str]]:
             cause = f": {str(err).splitlines()[0][:300]}" if isinstance(err, str) and err else ""
             missing.append(f"{who}: {r['status']} (run {r['run_id']}){cause}")
     fin = runs[runs["status"] == "FINISHED"]
-    needed = {metric: "the report's metric", "perf/train_samples_per_s": "Fig. 4 step-time panel",
-              "cost/trainable_params": "trainable-parameter column"}
+    needed = {
+        metric: "the report's metric",
+        "perf/train_samples_per_s": "Fig. 4 step-time panel",
+        "cost/trainable_params": "trainable-parameter column",
+    }
     for key, why in needed.items():
         lacking = fin[fin[key].isna()] if key in fin else fin
         if len(lacking):
@@ -99,15 +117,21 @@ def missing_items(data: SweepData, metric: str) -> tuple[list[str], list[str]]:
         have = set(data.history[data.history["key"] == "routing/entropy"]["run_id"]) if len(data.history) else set()
         lacking = mope[~mope["run_id"].isin(have)]
         if len(lacking):
-            missing.append(f"routing/entropy history absent from {len(lacking)} FINISHED MoPE run(s) (Fig. 6, "
-                           "Fig. 7 and the importance-loss claim need it)")
+            missing.append(
+                f"routing/entropy history absent from {len(lacking)} FINISHED MoPE run(s) (Fig. 6, "
+                "Fig. 7 and the importance-loss claim need it)"
+            )
     if len(fin) and COLLAPSE_KEY not in fin:
-        missing.append(f"{COLLAPSE_KEY} not logged by these runs (trained before the collapse detector): a run that "
-                       "predicts one class cannot be told apart from a learning one")
+        missing.append(
+            f"{COLLAPSE_KEY} not logged by these runs (trained before the collapse detector): a run that "
+            "predicts one class cannot be told apart from a learning one"
+        )
     col = runs[runs["collapsed"].fillna(False).astype(bool)]
     for _, r in col.iterrows():
-        warnings.append(f"{r['label']} seed {r['seed']}: collapsed (predicts one class for "
-                        f"{float(r[COLLAPSE_KEY]):.1%} of val): a failed run, not a result of the method")
+        warnings.append(
+            f"{r['label']} seed {r['seed']}: collapsed (predicts one class for "
+            f"{float(r[COLLAPSE_KEY]):.1%} of val): a failed run, not a result of the method"
+        )
     return missing, warnings
 
 
@@ -118,8 +142,9 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def build_report(data: SweepData, out_dir: str | Path, *, metric: str | None = None,
-                 equivalence_margin: float = EQUIVALENCE_MARGIN) -> Report:
+def build_report(
+    data: SweepData, out_dir: str | Path, *, metric: str | None = None, equivalence_margin: float = EQUIVALENCE_MARGIN
+) -> Report:
     """Writes the report folder and returns what it holds."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,14 +168,29 @@ def build_report(data: SweepData, out_dir: str | Path, *, metric: str | None = N
     csv_path = out / "results.csv"
     results_frame(data).to_csv(csv_path, index=False)
     claims_path = out / "claims.json"
-    _atomic_write(claims_path, json.dumps(
-        [{"key": c.key, "claim": c.text, "source": c.source, "verdict": c.verdict, "rule": c.rule,
-          "rows": [r.__dict__ for r in c.rows]} for c in claims], indent=2))
+    _atomic_write(
+        claims_path,
+        json.dumps(
+            [
+                {
+                    "key": c.key,
+                    "claim": c.text,
+                    "source": c.source,
+                    "verdict": c.verdict,
+                    "rule": c.rule,
+                    "rows": [r.__dict__ for r in c.rows],
+                }
+                for c in claims
+            ],
+            indent=2,
+        ),
+    )
     md, page = _markdown(data, rep, captions), _html(data, rep, captions)
     _atomic_write(out / "report.md", md)
     _atomic_write(out / "report.html", page)
-    rep.files = [out / "report.md", out / "report.html", csv_path, claims_path] + \
-        [p for k in figs for p in (figs[k], figs[k].with_suffix(".svg"))]
+    rep.files = [out / "report.md", out / "report.html", csv_path, claims_path] + [
+        p for k in figs for p in (figs[k], figs[k].with_suffix(".svg"))
+    ]
     return rep
 
 
@@ -160,8 +200,9 @@ def _meta_lines(data: SweepData, rep: Report) -> list[str]:
     n_fin = int((runs["status"] == "FINISHED").sum())
     axes = "; ".join(f"{k} = {v}" for k, v in data.axes.items()) or "–"
     started = m.get("started")
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started / 1000)) if isinstance(started, (int, float)) \
-        else "?"
+    when = (
+        time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started / 1000)) if isinstance(started, (int, float)) else "?"
+    )
     return [
         f"sweep `{m.get('sweep_id', '?')}` (spec `{m.get('spec_name', '?')}`, profile `{m.get('profile') or '-'}`, "
         f"spec hash `{str(m.get('spec_hash', '?'))[:16]}`), started {when}, parent run status {m.get('status', '?')}",
@@ -176,8 +217,10 @@ def _meta_lines(data: SweepData, rep: Report) -> list[str]:
 
 def _summary_line(rep: Report) -> str:
     s = claims_summary(rep.claims)
-    return (f"{len(rep.claims)} claim(s) decidable from this sweep: {s['supported']} supported, "
-            f"{s['not supported']} not supported, {s['inconclusive']} inconclusive.")
+    return (
+        f"{len(rep.claims)} claim(s) decidable from this sweep: {s['supported']} supported, "
+        f"{s['not supported']} not supported, {s['inconclusive']} inconclusive."
+    )
 
 
 def _markdown(data: SweepData, rep: Report, captions: dict[str, tuple[str, str]]) -> str:
@@ -186,15 +229,27 @@ def _markdown(data: SweepData, rep: Report, captions: dict[str, tuple[str, str]]
     lines += ["## Figures", ""]
     for key, png in rep.figures.items():
         title, cap = captions[key]
-        lines += [f"### {title}", "", f"![{title}]({png.name})", "", f"{cap} ([SVG]({png.with_suffix('.svg').name}))",
-                  ""]
+        lines += [
+            f"### {title}",
+            "",
+            f"![{title}]({png.name})",
+            "",
+            f"{cap} ([SVG]({png.with_suffix('.svg').name}))",
+            "",
+        ]
     if rep.skipped:
         lines += ["Not drawn:", ""] + [f"- {s.title}: {s.reason}" for s in rep.skipped] + [""]
     lines += ["## Tables", ""]
     for t in rep.tables:
         lines += render.md_table(t)
-    lines += ["## Missing", ""] + ([f"- {x}" for x in rep.missing] or ["Nothing: every planned trial FINISHED with "
-                                                                     "every metric the report reads."]) + [""]
+    lines += (
+        ["## Missing", ""]
+        + (
+            [f"- {x}" for x in rep.missing]
+            or ["Nothing: every planned trial FINISHED with every metric the report reads."]
+        )
+        + [""]
+    )
     if rep.warnings:
         lines += ["## Warnings", ""] + [f"- {x}" for x in rep.warnings] + [""]
     lines += ["Files: `results.csv` (one row per trial), `claims.json`, one PNG and SVG per figure.", ""]
@@ -203,11 +258,20 @@ def _markdown(data: SweepData, rep: Report, captions: dict[str, tuple[str, str]]
 
 def _html(data: SweepData, rep: Report, captions: dict[str, tuple[str, str]]) -> str:
     e = render.esc
-    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Report: {e(data.name)}</title>"
-             f"<style>{render.CSS}</style></head><body>", f"<h1>Report: {e(data.name)}</h1>", '<ul class="meta">']
+    parts = [
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Report: {e(data.name)}</title>"
+        f"<style>{render.CSS}</style></head><body>",
+        f"<h1>Report: {e(data.name)}</h1>",
+        '<ul class="meta">',
+    ]
     parts += [f"<li>{e(x).replace('`', '')}</li>" for x in _meta_lines(data, rep)]
-    parts += ["</ul>", "<h2>Claims</h2>", f"<p>{e(_summary_line(rep))}</p>", render.html_claims(rep.claims),
-              "<h2>Figures</h2>"]
+    parts += [
+        "</ul>",
+        "<h2>Claims</h2>",
+        f"<p>{e(_summary_line(rep))}</p>",
+        render.html_claims(rep.claims),
+        "<h2>Figures</h2>",
+    ]
     for key, png in rep.figures.items():
         title, cap = captions[key]
         parts.append(render.html_figure(title, cap, png))
@@ -218,8 +282,10 @@ def _html(data: SweepData, rep: Report, captions: dict[str, tuple[str, str]]) ->
     parts += ["<h2>Missing</h2>", render.html_list(rep.missing)]
     if rep.warnings:
         parts += ["<h2>Warnings</h2>", render.html_list(rep.warnings)]
-    parts.append('<p class="note">Files beside this page: <a href="results.csv">results.csv</a>, '
-                 '<a href="claims.json">claims.json</a>, one PNG and SVG per figure.</p></body></html>')
+    parts.append(
+        '<p class="note">Files beside this page: <a href="results.csv">results.csv</a>, '
+        '<a href="claims.json">claims.json</a>, one PNG and SVG per figure.</p></body></html>'
+    )
     return "\n".join(parts)
 
 

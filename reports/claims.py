@@ -61,8 +61,16 @@ def evaluate_claims(data: SweepData, metric: str, *, equivalence_margin: float =
         ok = ok.iloc[0:0]
     strata_keys = [k for k in data.axes if k in runs]  # spec axes only: arm-set keys differ between arms by design
     out: list[Claim] = []
-    for fn in (_expert_scaling, _length_scaling, _matched_count, _shots, _dense_vs_top1, _keys, _importance,
-               _ablation):
+    for fn in (
+        _expert_scaling,
+        _length_scaling,
+        _matched_count,
+        _shots,
+        _dense_vs_top1,
+        _keys,
+        _importance,
+        _ablation,
+    ):
         c = fn(ok, metric, strata_keys, data=data, margin=equivalence_margin)
         if c is not None and c.rows:
             out.append(c)
@@ -95,8 +103,11 @@ def _prefix(stratum: str, text: str) -> str:
 
 def _collapse_notes(*frames: pd.DataFrame) -> list[str]:
     n = sum(int(f["collapsed"].fillna(False).astype(bool).sum()) for f in frames if "collapsed" in f)
-    return [f"{n} run(s) collapsed to one predicted class (val/pred_class_frac_max ≥ 0.99): not a learnt result"] \
-        if n else []
+    return (
+        [f"{n} run(s) collapsed to one predicted class (val/pred_class_frac_max ≥ 0.99): not a learnt result"]
+        if n
+        else []
+    )
 
 
 def _ahead(d: Diff) -> str:
@@ -108,13 +119,20 @@ def _ahead(d: Diff) -> str:
     return INCONCLUSIVE
 
 
-def _versus(comparison: str, a_name: str, a_runs: pd.DataFrame, b_name: str, b_runs: pd.DataFrame,
-            metric: str) -> ClaimRow:
+def _versus(
+    comparison: str, a_name: str, a_runs: pd.DataFrame, b_name: str, b_runs: pd.DataFrame, metric: str
+) -> ClaimRow:
     """A row for the claim 'A ahead of B': the means, A − B paired by seed with its interval, the verdict."""
     a, b = by_seed(a_runs, metric), by_seed(b_runs, metric)
     d = diff(a, b)
-    return ClaimRow(comparison, f"{a_name} {_means(a)} vs {b_name} {_means(b)}; Δ = {d.text()}", _ahead(d), d.n,
-                    _collapse_notes(a_runs, b_runs), d.as_dict())
+    return ClaimRow(
+        comparison,
+        f"{a_name} {_means(a)} vs {b_name} {_means(b)}; Δ = {d.text()}",
+        _ahead(d),
+        d.n,
+        _collapse_notes(a_runs, b_runs),
+        d.as_dict(),
+    )
 
 
 def _num(v: Any) -> str:
@@ -146,20 +164,34 @@ def _expert_scaling(ok, metric, keys, **_) -> Claim | None:
             verdict = NOT_SUPPORTED
         else:
             verdict = INCONCLUSIVE
-        stat = (f"Δ(k={ks[-1]} − k={ks[0]}) = {total.text()}; means " +
-                " / ".join(f"k={k}: {_means(per_k[k])}" for k in ks) +
-                "; steps " + ", ".join(f"k={a}→{b} {d.mean:+.3f}" + (" (significant drop)" if d.below_zero else "")
-                                       for a, b, d in steps) +
-                f"; Spearman ρ(k, {metric}) = {_num(rho)} (p = {_num(p)}, {len(g)} runs)")
-        rows.append(ClaimRow(_prefix(stratum, f"MoPE, k = {', '.join(map(str, ks))}"), stat, verdict, total.n,
-                             _collapse_notes(g) + ([f"significant drop at {', '.join(drops)}"] if drops else []),
-                             total.as_dict()))
+        stat = (
+            f"Δ(k={ks[-1]} − k={ks[0]}) = {total.text()}; means "
+            + " / ".join(f"k={k}: {_means(per_k[k])}" for k in ks)
+            + "; steps "
+            + ", ".join(
+                f"k={a}→{b} {d.mean:+.3f}" + (" (significant drop)" if d.below_zero else "") for a, b, d in steps
+            )
+            + f"; Spearman ρ(k, {metric}) = {_num(rho)} (p = {_num(p)}, {len(g)} runs)"
+        )
+        rows.append(
+            ClaimRow(
+                _prefix(stratum, f"MoPE, k = {', '.join(map(str, ks))}"),
+                stat,
+                verdict,
+                total.n,
+                _collapse_notes(g) + ([f"significant drop at {', '.join(drops)}"] if drops else []),
+                total.as_dict(),
+            )
+        )
     return Claim(
-        "expert_scaling", "Expert scaling improves with k and does not deteriorate as k grows",
+        "expert_scaling",
+        "Expert scaling improves with k and does not deteriorate as k grows",
         "Fig. 4 (§4.3)",
         "supported: the 95% CI of metric(largest k) − metric(smallest k), paired by seed, lies above 0 and no "
         "step between neighbouring k has a CI below 0; not supported: that CI lies below 0 or some step does; "
-        "otherwise inconclusive. Spearman ρ over all runs is shown for context.", rows)
+        "otherwise inconclusive. Spearman ρ over all runs is shown for context.",
+        rows,
+    )
 
 
 # -- (2) length scaling -----------------------------------------------------------------------------------------------
@@ -175,8 +207,7 @@ def _length_scaling(ok, metric, keys, **_) -> Claim | None:
         gain_v = _seed_diff(per_L[Ls[-1]], per_L[Ls[0]])
         d_v = diff(per_L[Ls[-1]], per_L[Ls[0]])
         last = diff(per_L[Ls[-1]], per_L[Ls[-2]])
-        stat = (f"vanilla Δ(L={Ls[-1]:g} − L={Ls[0]:g}) = {d_v.text()}; last step L={Ls[-2]:g}→{Ls[-1]:g} "
-                f"{last.text()}")
+        stat = f"vanilla Δ(L={Ls[-1]:g} − L={Ls[0]:g}) = {d_v.text()}; last step L={Ls[-2]:g}→{Ls[-1]:g} {last.text()}"
         did = None
         cm = _distinct(mope, "tunable_prompts")
         lo_c = Ls[0] if Ls[0] in cm else (cm[0] if cm else None)
@@ -185,7 +216,7 @@ def _length_scaling(ok, metric, keys, **_) -> Claim | None:
             m_lo = by_seed(mope[mope["tunable_prompts"] == lo_c], metric)
             m_hi = by_seed(mope[mope["tunable_prompts"] == hi_c], metric)
             did = diff(_seed_diff(m_hi, m_lo), gain_v)
-            stat += (f"; MoPE gain over the same counts ({lo_c:g}→{hi_c:g}) minus vanilla's = {did.text()}")
+            stat += f"; MoPE gain over the same counts ({lo_c:g}→{hi_c:g}) minus vanilla's = {did.text()}"
         if d_v.below_zero:
             verdict = SUPPORTED  # deteriorates
         elif did is not None and did.above_zero:
@@ -194,15 +225,26 @@ def _length_scaling(ok, metric, keys, **_) -> Claim | None:
             verdict = NOT_SUPPORTED
         else:
             verdict = INCONCLUSIVE
-        rows.append(ClaimRow(_prefix(stratum, f"vanilla prompt, L = {', '.join(f'{L:g}' for L in Ls)}"), stat,
-                             verdict, d_v.n, _collapse_notes(van, mope), (did or d_v).as_dict()))
+        rows.append(
+            ClaimRow(
+                _prefix(stratum, f"vanilla prompt, L = {', '.join(f'{L:g}' for L in Ls)}"),
+                stat,
+                verdict,
+                d_v.n,
+                _collapse_notes(van, mope),
+                (did or d_v).as_dict(),
+            )
+        )
     return Claim(
-        "length_scaling", "Length scaling saturates or deteriorates at the same tunable count",
+        "length_scaling",
+        "Length scaling saturates or deteriorates at the same tunable count",
         "Fig. 4 (§4.3)",
         "supported: the vanilla prompt's Δ(largest L − smallest L) has a 95% CI below 0 (deteriorates), or MoPE's "
         "gain over the same tunable counts exceeds vanilla's (difference-in-differences CI above 0: saturates while "
         "experts keep scaling); not supported: vanilla gains more than MoPE (CI below 0), or vanilla's last step "
-        "still improves significantly; otherwise inconclusive.", rows)
+        "still improves significantly; otherwise inconclusive.",
+        rows,
+    )
 
 
 def _seed_diff(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
@@ -224,15 +266,21 @@ def _matched_count(ok, metric, keys, **_) -> Claim | None:
             label = f"{c:g} tunable prompts (MoPE k={fmt_value(k[0]) if k else '?'} vs vanilla L={c:g})"
             rows.append(_versus(_prefix(stratum, label), "MoPE", mv, "vanilla", vv, metric))
     return Claim(
-        "matched_count", "MoPE is ahead of a vanilla prompt with the same number of tunable prompts",
+        "matched_count",
+        "MoPE is ahead of a vanilla prompt with the same number of tunable prompts",
         "Fig. 4 (§4.3)",
         "per tunable count: supported when the 95% CI of MoPE − vanilla (paired by seed) lies above 0, not "
-        "supported when it lies below 0, else inconclusive; the claim is supported only at every count.", rows)
+        "supported when it lies below 0, else inconclusive; the claim is supported only at every count.",
+        rows,
+    )
 
 
 # -- (3) data scaling -------------------------------------------------------------------------------------------------
 def _shots(ok, metric, keys, **_) -> Claim | None:
-    if "data.shots" not in ok or len(_distinct(ok, "data.shots") + ([None] if ok["data.shots"].isna().any() else [])) < 2:
+    if (
+        "data.shots" not in ok
+        or len(_distinct(ok, "data.shots") + ([None] if ok["data.shots"].isna().any() else [])) < 2
+    ):
         return None
     rows = []
     excl = {"mope.num_experts", "model.vanilla_prompt_len", "method.name", "data.shots"}
@@ -246,13 +294,17 @@ def _shots(ok, metric, keys, **_) -> Claim | None:
             vs = van[van["data.shots"].isna()] if s is None else van[van["data.shots"] == s]
             if not by_seed(ms, metric) or not by_seed(vs, metric):
                 continue
-            rows.append(_versus(_prefix(stratum, f"shots = {'full' if s is None else s}"), "MoPE", ms, "vanilla", vs,
-                                metric))
+            rows.append(
+                _versus(_prefix(stratum, f"shots = {'full' if s is None else s}"), "MoPE", ms, "vanilla", vs, metric)
+            )
     return Claim(
-        "data_scaling", "MoPE is at least as good as the vanilla prompt at every shot count",
+        "data_scaling",
+        "MoPE is at least as good as the vanilla prompt at every shot count",
         "Fig. 5 (§4.4)",
         "per shot count: supported when the 95% CI of MoPE − vanilla (paired by seed) lies above 0, not supported "
-        "when it lies below 0, else inconclusive; the claim is supported only at every shot count.", rows)
+        "when it lies below 0, else inconclusive; the claim is supported only at every shot count.",
+        rows,
+    )
 
 
 # -- (4) dense vs top-1 -----------------------------------------------------------------------------------------------
@@ -268,9 +320,13 @@ def _dense_vs_top1(ok, metric, keys, **_) -> Claim | None:
             if by_seed(dense, metric) and by_seed(other, metric):
                 rows.append(_versus(_prefix(stratum, f"dense vs {r}"), "dense", dense, r, other, metric))
     return Claim(
-        "dense_vs_top1", "Dense routing is better than sparse top-1 routing", "Table 3 (§4.5)",
+        "dense_vs_top1",
+        "Dense routing is better than sparse top-1 routing",
+        "Table 3 (§4.5)",
         "per top-1 variant (and per other axis value): supported when the 95% CI of dense − top-1 (paired by seed) "
-        "lies above 0, not supported when below 0, else inconclusive.", rows)
+        "lies above 0, not supported when below 0, else inconclusive.",
+        rows,
+    )
 
 
 # -- (5) frozen vs learned keys ---------------------------------------------------------------------------------------
@@ -296,14 +352,25 @@ def _keys(ok, metric, keys, margin: float = EQUIVALENCE_MARGIN, **_) -> Claim | 
             verdict = NOT_SUPPORTED
         else:
             verdict = INCONCLUSIVE
-        rows.append(ClaimRow(_prefix(stratum, "frozen orthogonal vs learned keys"),
-                             f"frozen {_means(a)} vs learned {_means(b)}; Δ = {d.text()}; margin ±{margin:g}",
-                             verdict, d.n, _collapse_notes(g), d.as_dict()))
+        rows.append(
+            ClaimRow(
+                _prefix(stratum, "frozen orthogonal vs learned keys"),
+                f"frozen {_means(a)} vs learned {_means(b)}; Δ = {d.text()}; margin ±{margin:g}",
+                verdict,
+                d.n,
+                _collapse_notes(g),
+                d.as_dict(),
+            )
+        )
     return Claim(
-        "frozen_vs_learned", "Frozen orthogonal routing keys perform on par with learned ones", "Table 4 (§4.5)",
+        "frozen_vs_learned",
+        "Frozen orthogonal routing keys perform on par with learned ones",
+        "Table 4 (§4.5)",
         f"equivalence within ±{margin:g} (absolute, metric units), on the dense runs (top-1-hard routers get no "
         "gradient, so their keys cannot differ): supported when the 95% CI of frozen − learned lies inside the "
-        "margin, not supported when it lies entirely outside, else inconclusive.", rows)
+        "margin, not supported when it lies entirely outside, else inconclusive.",
+        rows,
+    )
 
 
 # -- (6) importance loss ----------------------------------------------------------------------------------------------
@@ -342,18 +409,34 @@ def _importance(ok, metric, keys, data: SweepData, **_) -> Claim | None:
         without = cvs.get(0.0, {})
         for w in sorted(x for x in cvs if x > 0):
             d = diff(without, cvs[w])
-            rows.append(ClaimRow(_prefix(stratum, f"w_imp = {w:g} vs 0"),
-                                 f"CV of importance (last routed block, last {IMPORTANCE_TAIL:.0%} of steps): "
-                                 f"without {_means(without)} vs with {_means(cvs[w])}; Δ(without − with) = {d.text()}",
-                                 _ahead(d), d.n, diff=d.as_dict()))
+            rows.append(
+                ClaimRow(
+                    _prefix(stratum, f"w_imp = {w:g} vs 0"),
+                    f"CV of importance (last routed block, last {IMPORTANCE_TAIL:.0%} of steps): "
+                    f"without {_means(without)} vs with {_means(cvs[w])}; Δ(without − with) = {d.text()}",
+                    _ahead(d),
+                    d.n,
+                    diff=d.as_dict(),
+                )
+            )
         if not without or not [w for w in cvs if w > 0]:
-            rows.append(ClaimRow(_prefix(stratum, "w_imp > 0 vs 0"), "no routing/importance_last/e* history on one "
-                                 "side (old runs, or routing stats not logged)", INCONCLUSIVE, 0))
+            rows.append(
+                ClaimRow(
+                    _prefix(stratum, "w_imp > 0 vs 0"),
+                    "no routing/importance_last/e* history on one side (old runs, or routing stats not logged)",
+                    INCONCLUSIVE,
+                    0,
+                )
+            )
     return Claim(
-        "importance_loss", "The importance loss balances expert usage", "Fig. 7 (§4.5)",
+        "importance_loss",
+        "The importance loss balances expert usage",
+        "Fig. 7 (§4.5)",
         "per run, CV = std/mean over experts of the importance of the last routed block averaged over the last "
         f"{IMPORTANCE_TAIL:.0%} of the logged steps; supported when the 95% CI of CV(without) − CV(with), paired by "
-        "seed, lies above 0, not supported when below 0, else inconclusive.", rows)
+        "seed, lies above 0, not supported when below 0, else inconclusive.",
+        rows,
+    )
 
 
 # -- (7) prompt ablation ----------------------------------------------------------------------------------------------
@@ -378,12 +461,19 @@ def _ablation(ok, metric, keys, **_) -> Claim | None:
         if not by_seed(full, metric):
             continue
         for p in [p for p in dict.fromkeys(g["prompts"]) if p != "[P_s, P_d, P_m]"]:
-            rows.append(_versus(_prefix(stratum, f"[P_s, P_d, P_m] vs {p}"), "all three", full, p,
-                                g[g["prompts"] == p], metric))
+            rows.append(
+                _versus(
+                    _prefix(stratum, f"[P_s, P_d, P_m] vs {p}"), "all three", full, p, g[g["prompts"] == p], metric
+                )
+            )
     return Claim(
-        "prompt_ablation", "All three prompt types [P_s, P_d, P_m] together are best", "Table 2 (§4.5)",
+        "prompt_ablation",
+        "All three prompt types [P_s, P_d, P_m] together are best",
+        "Table 2 (§4.5)",
         "for every other prompt set: supported when the 95% CI of all-three − that set (paired by seed) lies above "
-        "0; not supported when any lies below 0; else inconclusive.", rows)
+        "0; not supported when any lies below 0; else inconclusive.",
+        rows,
+    )
 
 
 def claims_summary(claims: list[Claim]) -> dict[str, int]:

@@ -28,11 +28,27 @@ from mope.config import tunable_prompts_per_layer
 
 # config keys read from every child run's params (a report needs them whether or not the spec varies them)
 CONFIG_KEYS = (
-    "method.name", "data.name", "data.task", "data.shots", "vision.name", "vision.kind", "vision.weights", "text.name",
+    "method.name",
+    "data.name",
+    "data.task",
+    "data.shots",
+    "vision.name",
+    "vision.kind",
+    "vision.weights",
+    "text.name",
     "trainer.batch_size",
-    "trainer.epochs", "trainer.max_steps_per_epoch", "mope.num_experts", "mope.prompt_len", "mope.static_len",
-    "model.vanilla_prompt_len", "mope.routing", "mope.routing_keys", "mope.imp_loss_weight", "mope.use_static",
-    "mope.use_dynamic", "mope.use_mapped",
+    "trainer.epochs",
+    "trainer.max_steps_per_epoch",
+    "mope.num_experts",
+    "mope.prompt_len",
+    "mope.static_len",
+    "model.vanilla_prompt_len",
+    "mope.routing",
+    "mope.routing_keys",
+    "mope.imp_loss_weight",
+    "mope.use_static",
+    "mope.use_dynamic",
+    "mope.use_mapped",
 )
 ID_COLUMNS = ("trial_key", "point_id", "label", "arm", "seed", "run_id", "status", "error", "wall_s")
 COLLAPSE_KEY = "val/pred_class_frac_max"
@@ -96,12 +112,14 @@ def primary_metric(runs: pd.DataFrame) -> str:
 
 
 def metric_label(metric: str) -> str:
-    names = {"final/test_acc": "test accuracy (adapter selected on val)",
-             "final/test_acc_last": "test accuracy (last weights)",
-             "final/val_acc_best": "best val accuracy",
-             "final/test_f1_micro": "test F1-micro (adapter selected on val)",
-             "final/test_f1_macro": "test F1-macro (adapter selected on val)",
-             "final/val_f1_micro_best": "best val F1-micro"}
+    names = {
+        "final/test_acc": "test accuracy (adapter selected on val)",
+        "final/test_acc_last": "test accuracy (last weights)",
+        "final/val_acc_best": "best val accuracy",
+        "final/test_f1_micro": "test F1-micro (adapter selected on val)",
+        "final/test_f1_macro": "test F1-macro (adapter selected on val)",
+        "final/val_f1_micro_best": "best val F1-micro",
+    }
     return names.get(metric, metric)
 
 
@@ -114,12 +132,16 @@ def tunable_prompts(row: pd.Series) -> float:
         if is_missing(k) or is_missing(l):
             return math.nan
         s = row.get("mope.static_len")
-        return float(tunable_prompts_per_layer(
-            int(k), int(l), None if is_missing(s) else int(s),
-            use_static=row.get("mope.use_static", True) is not False,
-            use_dynamic=row.get("mope.use_dynamic", True) is not False,
-            use_mapped=row.get("mope.use_mapped", True) is not False,
-        ))
+        return float(
+            tunable_prompts_per_layer(
+                int(k),
+                int(l),
+                None if is_missing(s) else int(s),
+                use_static=row.get("mope.use_static", True) is not False,
+                use_dynamic=row.get("mope.use_dynamic", True) is not False,
+                use_mapped=row.get("mope.use_mapped", True) is not False,
+            )
+        )
     if method == "vanilla_prompt":
         L = row.get("model.vanilla_prompt_len")
         if is_missing(L):
@@ -148,10 +170,16 @@ def add_derived(runs: pd.DataFrame) -> pd.DataFrame:
         return runs
     runs["tunable_prompts"] = runs.apply(tunable_prompts, axis=1)
     runs["attended_prompts"] = runs.apply(attended_prompts, axis=1)
-    sps = pd.to_numeric(runs.get("perf/train_samples_per_s"), errors="coerce") if "perf/train_samples_per_s" in runs \
+    sps = (
+        pd.to_numeric(runs.get("perf/train_samples_per_s"), errors="coerce")
+        if "perf/train_samples_per_s" in runs
         else pd.Series(math.nan, index=runs.index)
-    bs = pd.to_numeric(runs.get("trainer.batch_size"), errors="coerce") if "trainer.batch_size" in runs \
+    )
+    bs = (
+        pd.to_numeric(runs.get("trainer.batch_size"), errors="coerce")
+        if "trainer.batch_size" in runs
         else pd.Series(math.nan, index=runs.index)
+    )
     runs["step_time_ms"] = 1000.0 * bs / sps
     if COLLAPSE_KEY in runs:
         runs["collapsed"] = pd.to_numeric(runs[COLLAPSE_KEY], errors="coerce") >= COLLAPSE_THRESHOLD
@@ -179,8 +207,15 @@ def aggregate(runs: pd.DataFrame, by: list[str], metric: str) -> pd.DataFrame:
     rows = []
     for key, g in groups(ok, by):
         vals = g[metric].astype(float)
-        rows.append({**key, "mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else math.nan,
-                     "n": len(vals), "seeds": sorted(int(s) for s in g["seed"])})
+        rows.append(
+            {
+                **key,
+                "mean": float(vals.mean()),
+                "std": float(vals.std(ddof=1)) if len(vals) > 1 else math.nan,
+                "n": len(vals),
+                "seeds": sorted(int(s) for s in g["seed"]),
+            }
+        )
     return pd.DataFrame(rows, columns=[*by, "mean", "std", "n", "seeds"])
 
 

@@ -31,13 +31,29 @@ from reports.data import (
 )
 from reports.stats import cv
 
-COLORS = {"mope": "#1f6fb4", "vanilla_prompt": "#d95f02", "sequential_fuse": "#2a9d55", "p_sequential_fuse": "#7b3294",
-          "dense": "#1f6fb4", "top1_scaled": "#d95f02", "top1_hard": "#7b3294"}
+COLORS = {
+    "mope": "#1f6fb4",
+    "vanilla_prompt": "#d95f02",
+    "sequential_fuse": "#2a9d55",
+    "p_sequential_fuse": "#7b3294",
+    "dense": "#1f6fb4",
+    "top1_scaled": "#d95f02",
+    "top1_hard": "#7b3294",
+}
 FALLBACK = ["#1f6fb4", "#d95f02", "#2a9d55", "#7b3294", "#e7298a", "#66a61e", "#a6761d", "#666666"]
-METHOD_NAMES = {"mope": "MoPE", "vanilla_prompt": "vanilla prompt", "sequential_fuse": "SequentialFuse (FT)",
-                "p_sequential_fuse": "P-SequentialFuse", "late_concat": "LateConcat (FT)",
-                "p_late_concat": "P-LateConcat", "img_only": "ImgOnly (FT)", "text_only": "TextOnly (FT)",
-                "p_img_only": "P-ImgOnly", "p_text_only": "P-TextOnly", "promptfuse": "PromptFuse"}
+METHOD_NAMES = {
+    "mope": "MoPE",
+    "vanilla_prompt": "vanilla prompt",
+    "sequential_fuse": "SequentialFuse (FT)",
+    "p_sequential_fuse": "P-SequentialFuse",
+    "late_concat": "LateConcat (FT)",
+    "p_late_concat": "P-LateConcat",
+    "img_only": "ImgOnly (FT)",
+    "text_only": "TextOnly (FT)",
+    "p_img_only": "P-ImgOnly",
+    "p_text_only": "P-TextOnly",
+    "promptfuse": "PromptFuse",
+}
 
 
 @dataclass
@@ -84,8 +100,18 @@ def _setting(runs: pd.DataFrame) -> str:
 
 def _errorbar(ax, agg: pd.DataFrame, x: str, color: str, label: str, marker: str = "o", ls: str = "-") -> None:
     agg = agg.sort_values(x)
-    ax.errorbar(agg[x].astype(float), agg["mean"], yerr=agg["std"].fillna(0.0), color=color, marker=marker, ls=ls,
-                capsize=3, lw=1.6, ms=5, label=label)
+    ax.errorbar(
+        agg[x].astype(float),
+        agg["mean"],
+        yerr=agg["std"].fillna(0.0),
+        color=color,
+        marker=marker,
+        ls=ls,
+        capsize=3,
+        lw=1.6,
+        ms=5,
+        label=label,
+    )
 
 
 def _n_text(agg: pd.DataFrame) -> str:
@@ -97,15 +123,29 @@ def _n_text(agg: pd.DataFrame) -> str:
 def fig4(runs: pd.DataFrame, metric: str) -> Figure | Skipped:
     key = "fig4_expert_vs_length"
     title = FIGURE_TITLES[key]
-    m = runs[runs.get("method.name", pd.Series(dtype=object)).isin(["mope", "vanilla_prompt"])] \
-        if "method.name" in runs else runs.iloc[0:0]
-    have = {meth: sorted({int(x) for x in m[(m["method.name"] == meth) & m["tunable_prompts"].notna()]
-                          ["tunable_prompts"]})
-            for meth in ("mope", "vanilla_prompt")} if not m.empty else {"mope": [], "vanilla_prompt": []}
+    m = (
+        runs[runs.get("method.name", pd.Series(dtype=object)).isin(["mope", "vanilla_prompt"])]
+        if "method.name" in runs
+        else runs.iloc[0:0]
+    )
+    have = (
+        {
+            meth: sorted(
+                {int(x) for x in m[(m["method.name"] == meth) & m["tunable_prompts"].notna()]["tunable_prompts"]}
+            )
+            for meth in ("mope", "vanilla_prompt")
+        }
+        if not m.empty
+        else {"mope": [], "vanilla_prompt": []}
+    )
     if len(have["mope"]) < 2 and len(have["vanilla_prompt"]) < 2:
-        return Skipped(key, title, "needs MoPE runs over ≥ 2 expert counts and/or vanilla-prompt runs over ≥ 2 "
-                                   f"lengths (this sweep has MoPE counts {have['mope']}, vanilla "
-                                   f"{have['vanilla_prompt']})")
+        return Skipped(
+            key,
+            title,
+            "needs MoPE runs over ≥ 2 expert counts and/or vanilla-prompt runs over ≥ 2 "
+            f"lengths (this sweep has MoPE counts {have['mope']}, vanilla "
+            f"{have['vanilla_prompt']})",
+        )
     if "data.shots" in m and len(set(m["data.shots"].dropna())) > 1:
         return Skipped(key, title, "the sweep varies data.shots: see Fig. 5 (Fig. 4 is drawn at one data size)")
     agg = aggregate(m, ["method.name", "tunable_prompts", "mope.num_experts", "attended_prompts"], metric)
@@ -125,14 +165,22 @@ def fig4(runs: pd.DataFrame, metric: str) -> Figure | Skipped:
         _errorbar(ax, a, "tunable_prompts", COLORS[meth], lab, marker)
         for _, r in a.iterrows():
             txt = f"k={fmt_value(r['mope.num_experts'])}" if meth == "mope" else f"L={r['tunable_prompts']:g}"
-            ax.annotate(txt, (r["tunable_prompts"], r["mean"]), textcoords="offset points",
-                        xytext=(4, 6 if meth == "mope" else -12), fontsize=7, color=COLORS[meth])
+            ax.annotate(
+                txt,
+                (r["tunable_prompts"], r["mean"]),
+                textcoords="offset points",
+                xytext=(4, 6 if meth == "mope" else -12),
+                fontsize=7,
+                color=COLORS[meth],
+            )
         s = speed[speed["method.name"] == meth]
         if not s.empty:
             _errorbar(ax2, s, "tunable_prompts", COLORS[meth], f"{METHOD_NAMES[meth]}, {_n_text(s)}", marker)
     # pairs: the same tunable count on both arms
-    both = sorted(set(agg[agg["method.name"] == "mope"]["tunable_prompts"])
-                  & set(agg[agg["method.name"] == "vanilla_prompt"]["tunable_prompts"]))
+    both = sorted(
+        set(agg[agg["method.name"] == "mope"]["tunable_prompts"])
+        & set(agg[agg["method.name"] == "vanilla_prompt"]["tunable_prompts"])
+    )
     for c in both:
         ys = agg[agg["tunable_prompts"] == c]["mean"]
         ax.plot([c, c], [ys.min(), ys.max()], color="#999999", lw=0.8, ls=":", zorder=0)
@@ -148,17 +196,20 @@ def fig4(runs: pd.DataFrame, metric: str) -> Figure | Skipped:
     ax.set_title("accuracy vs tunable prompts (dotted: paired points)", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     if speed.empty or speed["mean"].isna().all():
-        ax2.text(0.5, 0.5, "no perf/train_samples_per_s in these runs", ha="center", va="center",
-                 transform=ax2.transAxes)
+        ax2.text(
+            0.5, 0.5, "no perf/train_samples_per_s in these runs", ha="center", va="center", transform=ax2.transAxes
+        )
     else:
         ax2.set_ylabel("train step time (ms per step)")
         ax2.set_title(f"step time (batch {_fmt_col(m, 'trainer.batch_size')})", fontsize=10)
         ax2.legend(fontsize=7, loc="best")
     fig.suptitle(f"{title} — {_setting(m)}", fontsize=11)
     fig.tight_layout()
-    cap = (f"{metric_label(metric)} (mean ± std over seeds) against the number of tunable prompts per layer, MoPE "
-           "(grows k at fixed l, attention length fixed at 2l+1) and a vanilla prompt of the same tunable count "
-           "(attention length L); right: training step time from perf/train_samples_per_s.")
+    cap = (
+        f"{metric_label(metric)} (mean ± std over seeds) against the number of tunable prompts per layer, MoPE "
+        "(grows k at fixed l, attention length fixed at 2l+1) and a vanilla prompt of the same tunable count "
+        "(attention length L); right: training step time from perf/train_samples_per_s."
+    )
     return Figure(key, title, cap, fig)
 
 
@@ -191,8 +242,14 @@ def fig5(runs: pd.DataFrame, metric: str) -> Figure | Skipped:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for i, (vals, a) in enumerate(groups(agg, ["series"])):
         meth = a["method.name"].iloc[0]
-        _errorbar(ax, a, "shots_x", COLORS.get(meth, FALLBACK[i % len(FALLBACK)]), f"{vals['series']}, {_n_text(a)}",
-                  "osD^v<>"[i % 7])
+        _errorbar(
+            ax,
+            a,
+            "shots_x",
+            COLORS.get(meth, FALLBACK[i % len(FALLBACK)]),
+            f"{vals['series']}, {_n_text(a)}",
+            "osD^v<>"[i % 7],
+        )
     ax.set_xscale("log")
     xs = sorted(set(agg["shots_x"]))
     ax.set_xticks(xs, ["full" if (shots.isna().any() and x == full_x) else f"{x:g}" for x in xs])
@@ -203,7 +260,9 @@ def fig5(runs: pd.DataFrame, metric: str) -> Figure | Skipped:
     ax.legend(fontsize=7, loc="best")
     ax.set_title(f"{title} — {_setting(r)}", fontsize=10)
     fig.tight_layout()
-    cap = f"{metric_label(metric)} (mean ± std over seeds) against the number of training examples, one line per method."
+    cap = (
+        f"{metric_label(metric)} (mean ± std over seeds) against the number of training examples, one line per method."
+    )
     return Figure(key, title, cap, fig)
 
 
@@ -230,19 +289,32 @@ def _curve(history: pd.DataFrame, run_ids: list[str], key: str) -> pd.DataFrame:
 def fig6(data: SweepData, runs: pd.DataFrame) -> Figure | Skipped:
     key = "fig6_routing_entropy"
     title = FIGURE_TITLES[key]
-    m = runs[(runs.get("method.name", pd.Series(dtype=object)) == "mope") & runs["run_id"].notna()] \
-        if "method.name" in runs else runs.iloc[0:0]
+    m = (
+        runs[(runs.get("method.name", pd.Series(dtype=object)) == "mope") & runs["run_id"].notna()]
+        if "method.name" in runs
+        else runs.iloc[0:0]
+    )
     ent = data.history[data.history["key"] == "routing/entropy"] if not data.history.empty else data.history
     have = set(ent["run_id"]) if not ent.empty else set()
     m = m[m["run_id"].isin(have)]
     if m.empty:
-        return Skipped(key, title, "no MoPE run logged routing/entropy (old runs, or trainer.routing_stats_every_steps "
-                                   "larger than the run)")
-    by = [c for c in ("mope.routing", "mope.routing_keys", "mope.imp_loss_weight", "mope.num_experts")
-          if c in m and len(set(map(str, m[c]))) > 1]
+        return Skipped(
+            key,
+            title,
+            "no MoPE run logged routing/entropy (old runs, or trainer.routing_stats_every_steps larger than the run)",
+        )
+    by = [
+        c
+        for c in ("mope.routing", "mope.routing_keys", "mope.imp_loss_weight", "mope.num_experts")
+        if c in m and len(set(map(str, m[c]))) > 1
+    ]
     if not by:
-        return Skipped(key, title, "every MoPE run has the same routing settings: Fig. 6 compares dense vs top-1 "
-                                   "(and frozen vs learned keys); run sweeps/routing.yaml")
+        return Skipped(
+            key,
+            title,
+            "every MoPE run has the same routing settings: Fig. 6 compares dense vs top-1 "
+            "(and frozen vs learned keys); run sweeps/routing.yaml",
+        )
     fig, ax = plt.subplots(figsize=(9.0, 4.4))
     kmax = 0
     for i, (vals, g) in enumerate(groups(m, by)):
@@ -253,21 +325,29 @@ def fig6(data: SweepData, runs: pd.DataFrame) -> Figure | Skipped:
         ls = "--" if vals.get("mope.routing_keys") == "learned" else "-"
         lab = ", ".join(fmt_value(v) for v in vals.values()) + f" (n={int(c['n'].max())})"
         ax.plot(c["step"], c["mean"], color=color, ls=ls, lw=1.5, label=lab)
-        ax.fill_between(c["step"], c["mean"] - c["std"].fillna(0), c["mean"] + c["std"].fillna(0), color=color,
-                        alpha=0.12, lw=0)
+        ax.fill_between(
+            c["step"], c["mean"] - c["std"].fillna(0), c["mean"] + c["std"].fillna(0), color=color, alpha=0.12, lw=0
+        )
         kmax = max([kmax] + [int(k) for k in g.get("mope.num_experts", pd.Series(dtype=float)).dropna()])
     if kmax:
         ax.axhline(math.log2(kmax), color="#999999", lw=0.8, ls=":", label=f"uniform over k={kmax}: log2 k")
     ax.set_xlabel("training step")
     ax.set_ylabel("routing entropy H(r) (bits; mean over batch and routed blocks)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title=" / ".join(b.split(".")[-1] for b in by),
-              title_fontsize=7)
+    ax.legend(
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        title=" / ".join(b.split(".")[-1] for b in by),
+        title_fontsize=7,
+    )
     ax.set_title(f"{title} — {_setting(m)}", fontsize=10)
     fig.tight_layout()
-    cap = ("Routing entropy −Σ r log2 r on the pre-top-1 softmax scores, averaged over the batch and all routed "
-           "blocks, against the training step; mean ± std over seeds (band). Solid: frozen orthogonal keys, dashed: "
-           "learned keys.")
+    cap = (
+        "Routing entropy −Σ r log2 r on the pre-top-1 softmax scores, averaged over the batch and all routed "
+        "blocks, against the training step; mean ± std over seeds (band). Solid: frozen orthogonal keys, dashed: "
+        "learned keys."
+    )
     return Figure(key, title, cap, fig)
 
 
@@ -275,22 +355,37 @@ def fig6(data: SweepData, runs: pd.DataFrame) -> Figure | Skipped:
 def fig7(data: SweepData, runs: pd.DataFrame) -> Figure | Skipped:
     key = "fig7_expert_importance"
     title = FIGURE_TITLES[key]
-    m = runs[(runs.get("method.name", pd.Series(dtype=object)) == "mope") & runs["run_id"].notna()] \
-        if "method.name" in runs else runs.iloc[0:0]
+    m = (
+        runs[(runs.get("method.name", pd.Series(dtype=object)) == "mope") & runs["run_id"].notna()]
+        if "method.name" in runs
+        else runs.iloc[0:0]
+    )
     if "mope.imp_loss_weight" not in m or len(set(m["mope.imp_loss_weight"].dropna())) < 2:
-        return Skipped(key, title, "needs MoPE runs with and without the importance loss (mope.imp_loss_weight "
-                                   "axis); run sweeps/importance_loss.yaml")
+        return Skipped(
+            key,
+            title,
+            "needs MoPE runs with and without the importance loss (mope.imp_loss_weight "
+            "axis); run sweeps/importance_loss.yaml",
+        )
     mats: dict[float, list[pd.DataFrame]] = {}
     for _, r in m.iterrows():
         mat = importance_matrix(data.history, r["run_id"])
         if not mat.empty:
             mats.setdefault(float(r["mope.imp_loss_weight"]), []).append(mat)
     if len(mats) < 2:
-        return Skipped(key, title, "routing/importance_last/e* history is missing for one side (runs with "
-                                   f"weights {sorted(mats)} have it)")
+        return Skipped(
+            key,
+            title,
+            f"routing/importance_last/e* history is missing for one side (runs with weights {sorted(mats)} have it)",
+        )
     ws = sorted(mats, reverse=True)
-    fig, axes = plt.subplots(1, len(ws) + 2, figsize=(4.2 * (len(ws) + 1) + 0.6, 4.0), layout="constrained",
-                             gridspec_kw={"width_ratios": [1] * len(ws) + [0.05, 1.1]})
+    fig, axes = plt.subplots(
+        1,
+        len(ws) + 2,
+        figsize=(4.2 * (len(ws) + 1) + 0.6, 4.0),
+        layout="constrained",
+        gridspec_kw={"width_ratios": [1] * len(ws) + [0.05, 1.1]},
+    )
     mean_mats = {}
     for w in ws:
         steps = sorted(set.intersection(*[set(x.index) for x in mats[w]]))
@@ -298,8 +393,16 @@ def fig7(data: SweepData, runs: pd.DataFrame) -> Figure | Skipped:
     vmax = max(float(x.to_numpy().max()) for x in mean_mats.values())
     for ax, w in zip(axes, ws):
         mm = mean_mats[w]
-        im = ax.imshow(mm.to_numpy().T, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=vmax,
-                       extent=[mm.index.min(), mm.index.max(), -0.5, mm.shape[1] - 0.5], interpolation="nearest")
+        im = ax.imshow(
+            mm.to_numpy().T,
+            aspect="auto",
+            origin="lower",
+            cmap="viridis",
+            vmin=0,
+            vmax=vmax,
+            extent=[mm.index.min(), mm.index.max(), -0.5, mm.shape[1] - 0.5],
+            interpolation="nearest",
+        )
         ax.set_title(f"w_imp = {w:g} (mean of n={len(mats[w])} seeds)", fontsize=9)
         ax.set_xlabel("training step")
         ax.set_ylabel("expert (last routed block)")
@@ -318,9 +421,11 @@ def fig7(data: SweepData, runs: pd.DataFrame) -> Figure | Skipped:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.suptitle(f"{title} — {_setting(m)}", fontsize=11)
-    cap = ("Importance (average routing score per expert over the batch) of the last routed block against the "
-           "training step, averaged over seeds, with and without the importance loss; right: its coefficient of "
-           "variation over experts (mean ± std over seeds).")
+    cap = (
+        "Importance (average routing score per expert over the batch) of the last routed block against the "
+        "training step, averaged over seeds, with and without the importance loss; right: its coefficient of "
+        "variation over experts (mean ± std over seeds)."
+    )
     return Figure(key, title, cap, fig)
 
 

@@ -35,7 +35,7 @@ def sqlite_path(uri: str) -> Path | None:
     """The file of a ``sqlite:///path`` URI (``sqlite:////abs`` or ``sqlite:///rel``); None for other stores."""
     if not uri.startswith("sqlite:///"):
         return None
-    return Path(unquote(uri[len("sqlite:///"):].split("?", 1)[0]))
+    return Path(unquote(uri[len("sqlite:///") :].split("?", 1)[0]))
 
 
 def client_for(uri: str):
@@ -43,8 +43,10 @@ def client_for(uri: str):
     empty store there)."""
     f = sqlite_path(uri)
     if f is not None and not f.is_file():
-        raise StoreError(f"no MLflow store at {f} (tracking URI {uri}): run a sweep first (`harness sweep "
-                         "sweeps/expert_vs_length.yaml`) or name the store with --tracking-uri / MLFLOW_TRACKING_URI")
+        raise StoreError(
+            f"no MLflow store at {f} (tracking URI {uri}): run a sweep first (`harness sweep "
+            "sweeps/expert_vs_length.yaml`) or name the store with --tracking-uri / MLFLOW_TRACKING_URI"
+        )
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.tracking import MlflowClient
 
@@ -70,38 +72,57 @@ def list_sweeps(uri: str) -> list[dict[str, Any]]:
     out = []
     for r in _search_all(client, exps, f"tags.`{ROLE_TAG}` = 'sweep'"):
         t = r.data.tags
-        out.append({"sweep_id": t.get(SWEEP_TAG, r.info.run_name), "spec_name": t.get("harness.spec_name", ""),
-                    "spec_hash": t.get("harness.spec_hash", ""), "profile": t.get("harness.profile", ""),
-                    "status": r.info.status, "started": r.info.start_time, "run_id": r.info.run_id,
-                    "experiment_id": r.info.experiment_id, "num_trials": t.get("harness.num_trials")})
+        out.append(
+            {
+                "sweep_id": t.get(SWEEP_TAG, r.info.run_name),
+                "spec_name": t.get("harness.spec_name", ""),
+                "spec_hash": t.get("harness.spec_hash", ""),
+                "profile": t.get("harness.profile", ""),
+                "status": r.info.status,
+                "started": r.info.start_time,
+                "run_id": r.info.run_id,
+                "experiment_id": r.info.experiment_id,
+                "num_trials": t.get("harness.num_trials"),
+            }
+        )
     return sorted(out, key=lambda s: s["started"] or 0, reverse=True)
 
 
-def select_sweeps(sweeps: list[dict[str, Any]], *, name: str | None = None, sweep_id: str | None = None,
-                  every: bool = False) -> list[dict[str, Any]]:
+def select_sweeps(
+    sweeps: list[dict[str, Any]], *, name: str | None = None, sweep_id: str | None = None, every: bool = False
+) -> list[dict[str, Any]]:
     """The sweeps to report: all (`every`), one by id (full id or a prefix of its hash), or the newest of a name.
 
     Raises:
         StoreError: nothing matches; the message lists what the store holds.
     """
     if not sweeps:
-        raise StoreError("the store holds no sweep (no parent run tagged harness.role=sweep): run `harness sweep "
-                         "SPEC` first")
+        raise StoreError(
+            "the store holds no sweep (no parent run tagged harness.role=sweep): run `harness sweep SPEC` first"
+        )
     if every:
         return sweeps
     known = sorted({s["spec_name"] for s in sweeps})
     if sweep_id:
-        hits = [s for s in sweeps if s["sweep_id"] == sweep_id or s["spec_hash"].startswith(sweep_id)
-                or s["sweep_id"].endswith("-" + sweep_id)]
+        hits = [
+            s
+            for s in sweeps
+            if s["sweep_id"] == sweep_id
+            or s["spec_hash"].startswith(sweep_id)
+            or s["sweep_id"].endswith("-" + sweep_id)
+        ]
         if name:
             hits = [s for s in hits if s["spec_name"] == name]
         if not hits:
-            raise StoreError(f"no sweep with id {sweep_id!r}" + (f" named {name!r}" if name else "") + "; the store "
-                             "has: " + ", ".join(f"{s['sweep_id']} ({s['status']})" for s in sweeps[:30]))
+            raise StoreError(
+                f"no sweep with id {sweep_id!r}" + (f" named {name!r}" if name else "") + "; the store "
+                "has: " + ", ".join(f"{s['sweep_id']} ({s['status']})" for s in sweeps[:30])
+            )
         return hits[:1]
     if not name:
-        raise StoreError("name a sweep with --sweep NAME (or --sweep-id ID, or --all); the store has: "
-                         + ", ".join(known))
+        raise StoreError(
+            "name a sweep with --sweep NAME (or --sweep-id ID, or --all); the store has: " + ", ".join(known)
+        )
     hits = [s for s in sweeps if s["spec_name"] == name or s["sweep_id"] == name]
     if not hits:
         raise StoreError(f"unknown sweep {name!r}; the store has: {', '.join(known)}")
@@ -114,8 +135,10 @@ def _planned_trials(client, run_id: str, notes: list[str]) -> list[dict[str, Any
             p = client.download_artifacts(run_id, "trials.json", d)
             return list(json.loads(Path(p).read_text()))
     except Exception as e:  # noqa: BLE001 - an old or damaged parent run: report the children we have
-        notes.append(f"the parent run's trials.json artifact could not be read ({type(e).__name__}: {str(e)[:200]}): "
-                     "trials that never started cannot be listed")
+        notes.append(
+            f"the parent run's trials.json artifact could not be read ({type(e).__name__}: {str(e)[:200]}): "
+            "trials that never started cannot be listed"
+        )
         return []
 
 
@@ -124,9 +147,9 @@ def _axes_from_params(params: dict[str, str]) -> dict[str, list[Any]]:
     for k, v in params.items():
         if k.startswith("spec.axes."):
             try:
-                out[k[len("spec.axes."):]] = json.loads(v)
+                out[k[len("spec.axes.") :]] = json.loads(v)
             except json.JSONDecodeError:
-                out[k[len("spec.axes."):]] = [v]
+                out[k[len("spec.axes.") :]] = [v]
     return out
 
 
@@ -139,15 +162,20 @@ def load_sweep(uri: str, sweep: dict[str, Any]) -> SweepData:
     axes = _axes_from_params(params)
     seeds = json.loads(params["spec.seeds"]) if "spec.seeds" in params else None
     planned = _planned_trials(client, sweep["run_id"], notes)
-    children = _search_all(client, [parent.info.experiment_id],
-                           f"tags.`{SWEEP_TAG}` = '{sweep['sweep_id']}' and tags.`{ROLE_TAG}` = 'trial'")
+    children = _search_all(
+        client,
+        [parent.info.experiment_id],
+        f"tags.`{SWEEP_TAG}` = '{sweep['sweep_id']}' and tags.`{ROLE_TAG}` = 'trial'",
+    )
     by_key: dict[str, Any] = {}
     for r in sorted(children, key=lambda r: r.info.start_time or 0):
         k = r.data.tags.get("harness.trial_key") or r.info.run_id
         if k in by_key:
             keep = r if (r.info.status == "FINISHED" or by_key[k].info.status != "FINISHED") else by_key[k]
-            notes.append(f"trial {k} has more than one child run ({by_key[k].info.run_id}, {r.info.run_id}); the "
-                         f"report uses {keep.info.run_id} ({keep.info.status})")
+            notes.append(
+                f"trial {k} has more than one child run ({by_key[k].info.run_id}, {r.info.run_id}); the "
+                f"report uses {keep.info.run_id} ({keep.info.status})"
+            )
             by_key[k] = keep
         else:
             by_key[k] = r
@@ -163,8 +191,15 @@ def load_sweep(uri: str, sweep: dict[str, Any]) -> SweepData:
         t = next((x for x in planned if x["trial_key"] == key), None)
         row: dict[str, Any] = {"trial_key": key}
         if t is not None:
-            row.update({"point_id": t["point_id"], "label": t["label"], "arm": t.get("arm") or "",
-                        "seed": int(t["seed"]), "index": t.get("index")})
+            row.update(
+                {
+                    "point_id": t["point_id"],
+                    "label": t["label"],
+                    "arm": t.get("arm") or "",
+                    "seed": int(t["seed"]),
+                    "index": t.get("index"),
+                }
+            )
             row.update(t.get("values", {}))
         if r is None:
             row.update({"run_id": None, "status": STATUS_MISSING, "error": None, "wall_s": None})
@@ -176,18 +211,30 @@ def load_sweep(uri: str, sweep: dict[str, Any]) -> SweepData:
             if k not in point_keys:
                 point_keys.append(k)
         row.update(vals)
-        row.update({"point_id": tags.get("harness.point_id", row.get("point_id")),
-                    "label": tags.get("harness.label", row.get("label") or r.info.run_name),
-                    "arm": tags.get("harness.arm", row.get("arm") or ""),
-                    "seed": int(tags.get("harness.seed", row.get("seed", -1))),
-                    "run_id": r.info.run_id, "status": r.info.status, "error": tags.get("harness.error"),
-                    "wall_s": (r.info.end_time - r.info.start_time) / 1000.0
-                    if r.info.end_time and r.info.start_time else None})
+        row.update(
+            {
+                "point_id": tags.get("harness.point_id", row.get("point_id")),
+                "label": tags.get("harness.label", row.get("label") or r.info.run_name),
+                "arm": tags.get("harness.arm", row.get("arm") or ""),
+                "seed": int(tags.get("harness.seed", row.get("seed", -1))),
+                "run_id": r.info.run_id,
+                "status": r.info.status,
+                "error": tags.get("harness.error"),
+                "wall_s": (r.info.end_time - r.info.start_time) / 1000.0
+                if r.info.end_time and r.info.start_time
+                else None,
+            }
+        )
         for k in CONFIG_KEYS:
             if k in r.data.params:
                 row[k] = parse_param(r.data.params[k])
-        row.update({k: float(v) for k, v in r.data.metrics.items()
-                    if k.startswith(("final/", "perf/", "cost/")) or k == "val/pred_class_frac_max"})
+        row.update(
+            {
+                k: float(v)
+                for k, v in r.data.metrics.items()
+                if k.startswith(("final/", "perf/", "cost/")) or k == "val/pred_class_frac_max"
+            }
+        )
         rows.append(row)
         for k in r.data.metrics:
             if k in HISTORY_KEYS or k.startswith(HISTORY_KEY_PREFIXES):
@@ -197,12 +244,22 @@ def load_sweep(uri: str, sweep: dict[str, Any]) -> SweepData:
     for c in ("trial_key", "point_id", "label", "arm", "seed", "run_id", "status", "error", "wall_s"):
         if c not in runs:
             runs[c] = None
-    meta = {"sweep_id": sweep["sweep_id"], "spec_name": sweep["spec_name"], "spec_hash": sweep["spec_hash"],
-            "profile": sweep.get("profile"), "status": parent.info.status, "axes": axes,
-            "arms": sorted({a for a in runs["arm"].dropna() if a}), "seeds": seeds,
-            "num_trials": len(planned) or len(runs), "tracking_uri": uri, "parent_run_id": sweep["run_id"],
-            "started": parent.info.start_time, "git_sha": parent.data.tags.get("harness.git_sha"),
-            "point_keys": point_keys}
+    meta = {
+        "sweep_id": sweep["sweep_id"],
+        "spec_name": sweep["spec_name"],
+        "spec_hash": sweep["spec_hash"],
+        "profile": sweep.get("profile"),
+        "status": parent.info.status,
+        "axes": axes,
+        "arms": sorted({a for a in runs["arm"].dropna() if a}),
+        "seeds": seeds,
+        "num_trials": len(planned) or len(runs),
+        "tracking_uri": uri,
+        "parent_run_id": sweep["run_id"],
+        "started": parent.info.start_time,
+        "git_sha": parent.data.tags.get("harness.git_sha"),
+        "point_keys": point_keys,
+    }
     hist = pd.DataFrame(history, columns=["run_id", "key", "step", "value"])
     return SweepData(meta, runs, hist, notes)
 

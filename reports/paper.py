@@ -33,9 +33,15 @@ TABLE1: dict[str, tuple[str, str, str, str]] = {
 
 # method name (harness `method=`) -> Table 1 row
 METHOD_ROWS = {
-    "img_only": "ImgOnly (FT)", "text_only": "TextOnly (FT)", "late_concat": "LateConcat (FT)",
-    "sequential_fuse": "SequentialFuse (FT)", "p_img_only": "P-ImgOnly", "p_text_only": "P-TextOnly",
-    "p_late_concat": "P-LateConcat", "p_sequential_fuse": "P-SequentialFuse", "promptfuse": "PromptFuse",
+    "img_only": "ImgOnly (FT)",
+    "text_only": "TextOnly (FT)",
+    "late_concat": "LateConcat (FT)",
+    "sequential_fuse": "SequentialFuse (FT)",
+    "p_img_only": "P-ImgOnly",
+    "p_text_only": "P-TextOnly",
+    "p_late_concat": "P-LateConcat",
+    "p_sequential_fuse": "P-SequentialFuse",
+    "promptfuse": "PromptFuse",
 }
 
 # Table 2 (prompt ablation, Swin-B k=16): prompt set -> (SNLI-VE, Food-101, MM-IMDB)
@@ -68,11 +74,24 @@ def table1_row(method: str, num_experts: int | None, vision: str | None) -> str 
         if num_experts == 16:
             return "Ours (Swin-B, k=16)"
         if num_experts == 4:
-            return "Ours (ViT-B, k=4)" if vision and "vit" in vision.lower() and "swin" not in vision.lower() \
+            return (
+                "Ours (ViT-B, k=4)"
+                if vision and "vit" in vision.lower() and "swin" not in vision.lower()
                 else "Ours (Swin-B, k=4)"
+            )
         return None
     return METHOD_ROWS.get(method)
 
 
-__all__ = ["COLUMNS", "KEY_ROWS", "METHOD_ROWS", "ROUTING_ROWS", "SOURCE", "TABLE1", "TABLE2", "TABLE3", "TABLE4",
-           "table1_row"]
+__all__ = [
+    "COLUMNS",
+    "KEY_ROWS",
+    "METHOD_ROWS",
+    "ROUTING_ROWS",
+    "SOURCE",
+    "TABLE1",
+    "TABLE2",
+    "TABLE3",
+    "TABLE4",
+    "table1_row",
+]

@@ -19,8 +19,7 @@ def _md_cell(s: str) -> str:
 
 def md_table(t: Table) -> list[str]:
     cols = list(t.columns) + (["note"] if any(t.marks) else [])
-    lines = [f"### {t.title}", "", "| " + " | ".join(_md_cell(c) for c in cols) + " |",
-             "|" + "---|" * len(cols)]
+    lines = [f"### {t.title}", "", "| " + " | ".join(_md_cell(c) for c in cols) + " |", "|" + "---|" * len(cols)]
     for i, r in enumerate(t.rows):
         extra = [t.marks[i] if i < len(t.marks) else ""] if any(t.marks) else []
         lines.append("| " + " | ".join(_md_cell(c) for c in [*r, *extra]) + " |")
@@ -82,16 +81,26 @@ def badge(verdict: str) -> str:
 def html_claims(claims: list[Claim]) -> str:
     if not claims:
         return "<p>No claim of the paper can be decided from this sweep's runs (see Missing).</p>"
-    out = ["<table><tr><th>#</th><th>claim (paper)</th><th>verdict</th><th>comparison</th><th>statistic</th>"
-           "<th>n</th><th>row verdict</th></tr>"]
+    out = [
+        "<table><tr><th>#</th><th>claim (paper)</th><th>verdict</th><th>comparison</th><th>statistic</th>"
+        "<th>n</th><th>row verdict</th></tr>"
+    ]
     for i, c in enumerate(claims, 1):
         for j, r in enumerate(c.rows):
-            lead = (f'<td rowspan="{len(c.rows)}">{i}</td><td rowspan="{len(c.rows)}">{esc(c.text)}<br>'
+            lead = (
+                (
+                    f'<td rowspan="{len(c.rows)}">{i}</td><td rowspan="{len(c.rows)}">{esc(c.text)}<br>'
                     f'<span class="note">{esc(c.source)}</span></td><td rowspan="{len(c.rows)}">{badge(c.verdict)}'
-                    "</td>") if j == 0 else ""
+                    "</td>"
+                )
+                if j == 0
+                else ""
+            )
             notes = "".join(f'<br><span class="warn">{esc(n)}</span>' for n in r.notes)
-            out.append(f"<tr>{lead}<td>{esc(r.comparison)}</td><td>{esc(r.statistic)}{notes}</td><td>{r.n}</td>"
-                       f"<td>{badge(r.verdict)}</td></tr>")
+            out.append(
+                f"<tr>{lead}<td>{esc(r.comparison)}</td><td>{esc(r.statistic)}{notes}</td><td>{r.n}</td>"
+                f"<td>{badge(r.verdict)}</td></tr>"
+            )
     out.append("</table><p><b>Rules</b></p><ol>")
     out += [f"<li><b>{esc(c.text)}</b>: {esc(c.rule)}</li>" for c in claims]
     out.append("</ol>")
@@ -100,9 +109,11 @@ def html_claims(claims: list[Claim]) -> str:
 
 def html_figure(title: str, caption: str, png: Path) -> str:
     data = base64.b64encode(png.read_bytes()).decode("ascii")
-    return (f'<figure><img alt="{esc(title)}" src="data:image/png;base64,{data}"><figcaption><b>{esc(title)}.</b> '
-            f'{esc(caption)} (<a href="{esc(png.name)}">PNG</a>, <a href="{esc(png.with_suffix(".svg").name)}">SVG'
-            "</a>)</figcaption></figure>")
+    return (
+        f'<figure><img alt="{esc(title)}" src="data:image/png;base64,{data}"><figcaption><b>{esc(title)}.</b> '
+        f'{esc(caption)} (<a href="{esc(png.name)}">PNG</a>, <a href="{esc(png.with_suffix(".svg").name)}">SVG'
+        "</a>)</figcaption></figure>"
+    )
 
 
 def html_list(items: list[str]) -> str:

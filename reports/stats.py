@@ -46,10 +46,19 @@ class Diff:
 
     def as_dict(self) -> dict[str, float | int | bool | None]:
         """JSON-ready (no interval: None, never NaN)."""
+
         def num(x: float) -> float | None:
             return x if math.isfinite(x) else None
-        return {"mean": num(self.mean), "ci_lo": num(self.lo), "ci_hi": num(self.hi), "bootstrap_lo": num(self.boot_lo),
-                "bootstrap_hi": num(self.boot_hi), "paired": self.paired, "n": self.n}
+
+        return {
+            "mean": num(self.mean),
+            "ci_lo": num(self.lo),
+            "ci_hi": num(self.hi),
+            "bootstrap_lo": num(self.boot_lo),
+            "bootstrap_hi": num(self.boot_hi),
+            "paired": self.paired,
+            "n": self.n,
+        }
 
     def text(self, digits: int = 3) -> str:
         if not math.isfinite(self.mean):
@@ -76,7 +85,7 @@ def diff(a: dict[int, float], b: dict[int, float]) -> Diff:
     se = math.sqrt(va + vb)
     if se == 0:
         return Diff(m, m, m, min(len(xa), len(xb)), False)
-    dof = (va + vb) ** 2 / ((va ** 2 / (len(xa) - 1) if va else 0) + (vb ** 2 / (len(xb) - 1) if vb else 0))
+    dof = (va + vb) ** 2 / ((va**2 / (len(xa) - 1) if va else 0) + (vb**2 / (len(xb) - 1) if vb else 0))
     t = st.t.ppf(0.5 + CONFIDENCE / 2, dof)
     return Diff(m, m - t * se, m + t * se, min(len(xa), len(xb)), False)
 
@@ -116,5 +125,4 @@ def cv(values: np.ndarray) -> float:
     return float(values.std(ddof=1) / values.mean())
 
 
-__all__ = ["BOOTSTRAP_RESAMPLES", "CONFIDENCE", "Diff", "bootstrap_interval", "cv", "diff", "spearman",
-           "t_interval"]
+__all__ = ["BOOTSTRAP_RESAMPLES", "CONFIDENCE", "Diff", "bootstrap_interval", "cv", "diff", "spearman", "t_interval"]

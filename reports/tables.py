@@ -64,8 +64,18 @@ def results_table(data: SweepData, metric: str) -> Table:
     last = metric + "_last" if not metric.endswith("_last") else metric
     val = "final/val_f1_micro_best" if "f1_micro" in metric else "final/val_acc_best"
     show_method = "method" not in by  # the arms set `method=` themselves in most specs
-    cols = [*by, *(["method"] if show_method else []), "tunable / attended prompts", "finished", f"val best ({val})", f"test ({metric})",
-            f"test, last weights ({last})", "trainable params", "step (ms)", "wall per trial (s)"]
+    cols = [
+        *by,
+        *(["method"] if show_method else []),
+        "tunable / attended prompts",
+        "finished",
+        f"val best ({val})",
+        f"test ({metric})",
+        f"test, last weights ({last})",
+        "trainable params",
+        "step (ms)",
+        "wall per trial (s)",
+    ]
     rows, marks = [], []
     for vals, g in groups(runs, by):
         meth = sorted({str(m) for m in g.get("method.name", pd.Series(dtype=object)).dropna()})
@@ -73,16 +83,31 @@ def results_table(data: SweepData, metric: str) -> Table:
         ap = g["attended_prompts"].dropna()
         prompts = f"{tp.iloc[0]:g} / {ap.iloc[0]:g}" if len(tp) and len(ap) else "–"
         n_fin = int((g["status"] == "FINISHED").sum())
-        rows.append([*(fmt_value(vals[c]) for c in by), *(["/".join(meth) or "–"] if show_method else []), prompts,
-                     f"{n_fin}/{len(g)}",
-                     _agg_cell(g, val), _agg_cell(g, metric), _agg_cell(g, last),
-                     _mean_cell(g, "cost/trainable_params", "{:,.0f}"), _mean_cell(g, "step_time_ms"),
-                     _mean_cell(g, "wall_s")])
+        rows.append(
+            [
+                *(fmt_value(vals[c]) for c in by),
+                *(["/".join(meth) or "–"] if show_method else []),
+                prompts,
+                f"{n_fin}/{len(g)}",
+                _agg_cell(g, val),
+                _agg_cell(g, metric),
+                _agg_cell(g, last),
+                _mean_cell(g, "cost/trainable_params", "{:,.0f}"),
+                _mean_cell(g, "step_time_ms"),
+                _mean_cell(g, "wall_s"),
+            ]
+        )
         n_col = int(g["collapsed"].fillna(False).astype(bool).sum())
         marks.append(f"{n_col} collapsed run(s): one class predicted" if n_col else "")
-    return Table("results", "All points of the sweep", cols, rows,
-                 note=f"mean ± std over seeds (n = runs with the metric); {metric_label(metric)}; step time from "
-                      "perf/train_samples_per_s × batch; wall = MLflow run start to end.", marks=marks)
+    return Table(
+        "results",
+        "All points of the sweep",
+        cols,
+        rows,
+        note=f"mean ± std over seeds (n = runs with the metric); {metric_label(metric)}; step time from "
+        "perf/train_samples_per_s × batch; wall = MLflow run start to end.",
+        marks=marks,
+    )
 
 
 def pairs_table(data: SweepData, metric: str) -> Table | None:
@@ -99,12 +124,35 @@ def pairs_table(data: SweepData, metric: str) -> Table | None:
         mv, vv = mope[mope["tunable_prompts"] == c], van[van["tunable_prompts"] == c]
         k = sorted({fmt_value(x) for x in mv["mope.num_experts"].dropna()})
         d = diff(by_seed(mv, metric), by_seed(vv, metric))
-        rows.append([f"{c:g}", "/".join(k), _agg_cell(mv, metric), _mean_cell(mv, "step_time_ms"), f"{c:g}",
-                     _agg_cell(vv, metric), _mean_cell(vv, "step_time_ms"), d.text()])
-    cols = ["tunable prompts per layer", "MoPE k", f"MoPE {metric}", "MoPE step (ms)", "vanilla L",
-            f"vanilla {metric}", "vanilla step (ms)", "MoPE − vanilla [95% CI]"]
-    return Table("pairs", "Fig. 4 pairs: MoPE and the vanilla prompt at the same tunable count", cols, rows,
-                 note="paired by seed; CI: Student t over the per-seed differences (see Claims).")
+        rows.append(
+            [
+                f"{c:g}",
+                "/".join(k),
+                _agg_cell(mv, metric),
+                _mean_cell(mv, "step_time_ms"),
+                f"{c:g}",
+                _agg_cell(vv, metric),
+                _mean_cell(vv, "step_time_ms"),
+                d.text(),
+            ]
+        )
+    cols = [
+        "tunable prompts per layer",
+        "MoPE k",
+        f"MoPE {metric}",
+        "MoPE step (ms)",
+        "vanilla L",
+        f"vanilla {metric}",
+        "vanilla step (ms)",
+        "MoPE − vanilla [95% CI]",
+    ]
+    return Table(
+        "pairs",
+        "Fig. 4 pairs: MoPE and the vanilla prompt at the same tunable count",
+        cols,
+        rows,
+        note="paired by seed; CI: Student t over the per-seed differences (see Claims).",
+    )
 
 
 def _ours_header(runs: pd.DataFrame, metric: str) -> str:
@@ -121,14 +169,20 @@ def paper_tables(data: SweepData, metric: str) -> list[Table]:
         return []
     out = []
     ours = _ours_header(runs, metric)
-    note = (f"Paper columns: {paper.SOURCE}; measured on SNLI-VE / Food-101 / MM-IMDB, not on our data. Our columns: "
-            "mean ± std over our seeds on the dataset named in the header.")
+    note = (
+        f"Paper columns: {paper.SOURCE}; measured on SNLI-VE / Food-101 / MM-IMDB, not on our data. Our columns: "
+        "mean ± std over our seeds on the dataset named in the header."
+    )
     # Table 1: when the sweep has several methods
     methods = [m for m in dict.fromkeys(runs["method.name"].dropna())]
     if len(methods) >= 3:
         rows = []
-        t1 = runs.assign(_k=[k if m in ("mope", "vanilla_prompt") else None
-                             for m, k in zip(runs["method.name"], runs.get("mope.num_experts", [None] * len(runs)))])
+        t1 = runs.assign(
+            _k=[
+                k if m in ("mope", "vanilla_prompt") else None
+                for m, k in zip(runs["method.name"], runs.get("mope.num_experts", [None] * len(runs)))
+            ]
+        )
         for vals, g in groups(t1, ["method.name", "_k"]):
             meth, k = vals["method.name"], vals["_k"]
             if is_missing(meth):  # a child run killed before its params were logged: nothing to tabulate
@@ -137,34 +191,72 @@ def paper_tables(data: SweepData, metric: str) -> list[Table]:
             prow = paper.table1_row(meth, k, vis)
             p = paper.TABLE1.get(prow, ("–", "–", "–", "–"))
             name = meth + (f" (k={fmt_value(k)})" if not is_missing(k) else "")
-            rows.append([name, _agg_cell(g, metric), _mean_cell(g, "cost/trainable_params", "{:,.0f}"),
-                         prow or "(no paper row)", *p])
-        out.append(Table("table1", "Table 1: methods", ["method", ours, "ours: trainable params",
-                                                        "paper row", "paper: Param", *_paper_cols()], rows, note))
+            rows.append(
+                [
+                    name,
+                    _agg_cell(g, metric),
+                    _mean_cell(g, "cost/trainable_params", "{:,.0f}"),
+                    prow or "(no paper row)",
+                    *p,
+                ]
+            )
+        out.append(
+            Table(
+                "table1",
+                "Table 1: methods",
+                ["method", ours, "ours: trainable params", "paper row", "paper: Param", *_paper_cols()],
+                rows,
+                note,
+            )
+        )
     mope = runs[runs["method.name"] == "mope"]
     flags = [f for f in ("mope.use_static", "mope.use_dynamic", "mope.use_mapped") if f in mope]
     if flags and any(len(set(mope[f].dropna())) > 1 for f in flags):
         m2 = mope.assign(prompts=mope.apply(prompt_set, axis=1))
         order = list(paper.TABLE2)
-        rows = [[p, _agg_cell(g, metric), *paper.TABLE2.get(p, ("–", "–", "–"))]
-                for vals, g in sorted(groups(m2, ["prompts"]), key=lambda t: order.index(t[0]["prompts"])
-                                      if t[0]["prompts"] in order else 99)
-                for p in [vals["prompts"]]]
-        out.append(Table("table2", "Table 2: prompt ablation", ["prompts", ours, *_paper_cols()], rows,
-                         note + " Paper: Swin-B, k=16."))
+        rows = [
+            [p, _agg_cell(g, metric), *paper.TABLE2.get(p, ("–", "–", "–"))]
+            for vals, g in sorted(
+                groups(m2, ["prompts"]), key=lambda t: order.index(t[0]["prompts"]) if t[0]["prompts"] in order else 99
+            )
+            for p in [vals["prompts"]]
+        ]
+        out.append(
+            Table(
+                "table2",
+                "Table 2: prompt ablation",
+                ["prompts", ours, *_paper_cols()],
+                rows,
+                note + " Paper: Swin-B, k=16.",
+            )
+        )
     for key, col, mapping, ptable, title in (
-            ("table3", "mope.routing", paper.ROUTING_ROWS, paper.TABLE3, "Table 3: routing"),
-            ("table4", "mope.routing_keys", paper.KEY_ROWS, paper.TABLE4, "Table 4: routing embedding (keys)")):
+        ("table3", "mope.routing", paper.ROUTING_ROWS, paper.TABLE3, "Table 3: routing"),
+        ("table4", "mope.routing_keys", paper.KEY_ROWS, paper.TABLE4, "Table 4: routing embedding (keys)"),
+    ):
         if col in mope and len(set(mope[col].dropna())) > 1:
             other = "mope.routing_keys" if col == "mope.routing" else "mope.routing"
             by = [col] + ([other] if other in mope and len(set(mope[other].dropna())) > 1 else [])
             rows = []
             for vals, g in groups(mope, by):
                 prow = mapping.get(vals[col])
-                rows.append([", ".join(fmt_value(v) for v in vals.values()), _agg_cell(g, metric),
-                             prow or "(no paper row)", *ptable.get(prow, ("–", "–", "–"))])
-            out.append(Table(key, title, [" / ".join(c.split(".")[-1] for c in by), ours, "paper row",
-                                          *_paper_cols()], rows, note + " The paper prints no std here."))
+                rows.append(
+                    [
+                        ", ".join(fmt_value(v) for v in vals.values()),
+                        _agg_cell(g, metric),
+                        prow or "(no paper row)",
+                        *ptable.get(prow, ("–", "–", "–")),
+                    ]
+                )
+            out.append(
+                Table(
+                    key,
+                    title,
+                    [" / ".join(c.split(".")[-1] for c in by), ours, "paper row", *_paper_cols()],
+                    rows,
+                    note + " The paper prints no std here.",
+                )
+            )
     return out
 
 

@@ -9,8 +9,9 @@ A video modality wraps a vision adapter in :class:`mope.backbones.frames.FrameEn
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -48,8 +49,9 @@ def load_timm_weights(model: nn.Module, weights: str | Path) -> None:
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"encoder.weights: {path} does not exist (expected a .safetensors file or a dir with "
-                                "model.safetensors)")
+        raise FileNotFoundError(
+            f"encoder.weights: {path} does not exist (expected a .safetensors file or a dir with model.safetensors)"
+        )
     state = load_file(str(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     unexpected = [k for k in unexpected if not k.startswith("head.")]
@@ -67,11 +69,14 @@ def _create_timm(cfg: EncoderConfig) -> nn.Module:
     import timm
 
     name, kwargs = cfg.name, dict(cfg.kwargs)
-    if name == "auto":  # architecture recorded beside the weights (e.g. the demo encoder written by `harness prep demo`)
+    if (
+        name == "auto"
+    ):  # architecture recorded beside the weights (e.g. the demo encoder written by `harness prep demo`)
         cfg_file = Path(cfg.weights or "") / "config.json"
         if not cfg.weights or not cfg_file.is_file():
-            raise FileNotFoundError(f"encoder.name=auto needs encoder.weights to be a directory with config.json; "
-                                    f"{cfg_file} not found")
+            raise FileNotFoundError(
+                f"encoder.name=auto needs encoder.weights to be a directory with config.json; {cfg_file} not found"
+            )
         meta = json.loads(cfg_file.read_text())
         name, kwargs = meta["timm_model"], {**meta.get("timm_kwargs", {}), **kwargs}
     kwargs.setdefault("num_classes", 0)

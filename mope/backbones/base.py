@@ -11,8 +11,9 @@ Block indices are global (0 .. num_blocks-1) across stages.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Union, runtime_checkable
+from typing import Protocol, Union, runtime_checkable
 
 import torch
 from torch import Tensor, nn

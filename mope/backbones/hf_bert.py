@@ -128,8 +128,9 @@ class _PromptMasks:
         return self._layer[num_prompts]
 
 
-def run_prompted_layers(layers: Any, h: Tensor, masks: _PromptMasks, prompter: BlockPrompter | None,
-                        x0: Any, insert: Any) -> tuple[Tensor, int]:
+def run_prompted_layers(
+    layers: Any, h: Tensor, masks: _PromptMasks, prompter: BlockPrompter | None, x0: Any, insert: Any
+) -> tuple[Tensor, int]:
     """VPT-deep over a stack of HF Transformer layers: before layer i the prompter's tokens (from the pooled block
     input ``x0(h, P, masks)``, computed only when it is read) replace the current P prompt slots (``insert``);
     returns the last hidden states (prompt slots still in) and their prompt count. Shared by BERT and wav2vec2."""
@@ -226,7 +227,9 @@ class HFBertAdapter(PromptableEncoder):
         if attention_mask is not None:
             attention_mask = attention_mask.to(h.device)
         masks = _PromptMasks(self.model.config, attention_mask)
-        h, num_prompts = run_prompted_layers(self.model.encoder.layer, h, masks, prompter, self._x0, self.insert_prompts)
+        h, num_prompts = run_prompted_layers(
+            self.model.encoder.layer, h, masks, prompter, self._x0, self.insert_prompts
+        )
         return self.strip_prompts(h, num_prompts), attention_mask
 
     def forward(self, inputs: EncoderInputs, prompter: BlockPrompter | None = None) -> Tensor:

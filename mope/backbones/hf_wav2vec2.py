@@ -278,8 +278,9 @@ class HFWav2Vec2Adapter(PromptableEncoder):
         with torch.no_grad() if frozen else contextlib.nullcontext():  # no autograd graph over the conv stack
             h, frame_mask = self._frontend(audio, lengths)
         masks = _PromptMasks(self.model.config, frame_mask, prefix=0)
-        h, num_prompts = run_prompted_layers(self.model.encoder.layers, h, masks, prompter, self._x0,
-                                             self.insert_prompts)
+        h, num_prompts = run_prompted_layers(
+            self.model.encoder.layers, h, masks, prompter, self._x0, self.insert_prompts
+        )
         h = h[:, num_prompts:]
         if self.stable_layer_norm:
             h = self.model.encoder.layer_norm(h)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from tests.helpers.prep_helpers import jpeg_bytes, write_wav
 
 # ------------------------------------------------------------------------------------------------------- Food-101

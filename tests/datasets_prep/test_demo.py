@@ -15,8 +15,18 @@ import pytest
 from datasets_prep import demo
 from datasets_prep.registry import get_converter
 
-SMALL = {"train_pairs": 240, "val_pairs": 80, "test_pairs": 80, "epochs": 1, "grids_per_epoch": 128, "val_grids": 64,
-         "batch_size": 64, "threads": 1, "verbose": False, "templates": "all"}
+SMALL = {
+    "train_pairs": 240,
+    "val_pairs": 80,
+    "test_pairs": 80,
+    "epochs": 1,
+    "grids_per_epoch": 128,
+    "val_grids": 64,
+    "batch_size": 64,
+    "threads": 1,
+    "verbose": False,
+    "templates": "all",
+}
 
 
 def _samples(split_dir: Path) -> list[dict]:
@@ -33,8 +43,11 @@ def _samples(split_dir: Path) -> list[dict]:
 
 
 def _tree_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +127,13 @@ def test_template_selection():
 
 def test_source_digits_disjoint(built):
     a, _, _ = built
-    used = {split: {i for s in _samples(a / split) for i in json.loads(s["json"])["source_indices"]}
-            for split in demo.SPLITS}
-    assert not (used["train"] & used["val"]) and not (used["train"] & used["test"]) and not (used["val"] & used["test"])
+    used = {
+        split: {i for s in _samples(a / split) for i in json.loads(s["json"])["source_indices"]}
+        for split in demo.SPLITS
+    }
+    assert (
+        not (used["train"] & used["val"]) and not (used["train"] & used["test"]) and not (used["val"] & used["test"])
+    )
     pools = demo.split_source_digits(demo.SourceDigits(0, (0.6, 0.2, 0.2)).labels, 0)
     assert sum(len(v) for v in pools.values()) == 1797
     assert used["test"] <= set(pools["test"].tolist())

@@ -6,6 +6,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from datasets_prep.food101 import convert, read_titles_csv
+from datasets_prep.verify import verify
+from datasets_prep.writer import PrepError, read_labels_file, read_manifest, sanitize_key
 from tests.helpers.prep_helpers import (
     FOOD_LABELS_REAL,
     FOOD_TITLES_REAL,
@@ -16,10 +20,6 @@ from tests.helpers.prep_helpers import (
     read_split_wds,
     tree_bytes,
 )
-
-from datasets_prep.food101 import convert, read_titles_csv
-from datasets_prep.verify import verify
-from datasets_prep.writer import PrepError, read_labels_file, read_manifest, sanitize_key
 
 
 def test_food101_texts_txt(food101_raw, tmp_path):

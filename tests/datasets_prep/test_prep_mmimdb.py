@@ -3,11 +3,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from tests.helpers.prep_helpers import MMIMDB_LABELS_REAL, by_id, read_split, read_split_wds, tree_bytes
 
 from datasets_prep.mmimdb import MOPE_LABELS, convert
 from datasets_prep.verify import verify
 from datasets_prep.writer import PrepError, read_labels_file, read_manifest
+from tests.helpers.prep_helpers import MMIMDB_LABELS_REAL, by_id, read_split, read_split_wds, tree_bytes
 
 
 def test_real_labels_file_23_clean_names():

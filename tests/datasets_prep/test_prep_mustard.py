@@ -8,6 +8,10 @@ from collections import Counter
 import numpy as np
 import pytest
 import soundfile as sf
+
+from datasets_prep.mustard import convert
+from datasets_prep.verify import verify
+from datasets_prep.writer import PrepError, read_manifest
 from tests.helpers.prep_helpers import (
     MUSTARD_OLD,
     MUSTARD_REAL,
@@ -23,10 +27,6 @@ from tests.helpers.prep_helpers import (
     write_mustard_media,
     write_wav,
 )
-
-from datasets_prep.mustard import convert
-from datasets_prep.verify import verify
-from datasets_prep.writer import PrepError, read_manifest
 
 
 def test_mustard_replica_audio_resampled(mustard_raw, tmp_path):
@@ -162,8 +162,9 @@ def _keys(src):
 def _with_videos(src, *, frames_dir=False):
     """20 frames (2 s at 10 fps) per clip, one clip (SHORT) of 2 frames."""
     keys = _keys(src)
-    write_mustard_media(src, [k for k in keys if k != SHORT], wav=False, seconds=2.0, size=VIDEO,
-                        frames_dir=frames_dir)
+    write_mustard_media(
+        src, [k for k in keys if k != SHORT], wav=False, seconds=2.0, size=VIDEO, frames_dir=frames_dir
+    )
     write_mustard_media(src, [SHORT], wav=False, seconds=0.2, size=VIDEO, frames_dir=frames_dir)
     return keys
 
@@ -221,8 +222,7 @@ def test_mustard_frames_from_mp4(mustard_raw, tmp_path):
     info = json.loads((out / "dataset.json").read_text())
     assert (info["frames"], info["frames_source"], info["frame_size"]) == (4, "video", 16)
     assert verify(out).ok
-    convert(mustard_raw, tmp_path / "again", shard_size=100, skip_bad=False, expect_entries=0, frames=4,
-            frame_size=16)
+    convert(mustard_raw, tmp_path / "again", shard_size=100, skip_bad=False, expect_entries=0, frames=4, frame_size=16)
     assert tree_bytes(out) == tree_bytes(tmp_path / "again")  # deterministic decode + resize + PNG
 
 

@@ -4,11 +4,11 @@ import json
 import shutil
 
 import pytest
-from tests.helpers.prep_helpers import SNLI_SAMPLE_DIR, by_id, read_split, read_split_wds, tree_bytes
 
 from datasets_prep.snli_ve import LABELS, convert, image_id_of
 from datasets_prep.verify import verify
 from datasets_prep.writer import PrepError, read_manifest
+from tests.helpers.prep_helpers import SNLI_SAMPLE_DIR, by_id, read_split, read_split_wds, tree_bytes
 
 
 def test_image_id_of_both_spellings():

@@ -6,7 +6,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from tests.helpers.prep_helpers import read_split, read_split_wds, tree_bytes
 
 from datasets_prep.verify import verify
 from datasets_prep.writer import (
@@ -18,6 +17,7 @@ from datasets_prep.writer import (
     sanitize_key,
     write_dataset_info,
 )
+from tests.helpers.prep_helpers import read_split, read_split_wds, tree_bytes
 
 LABELS = ["cat", "dog", "eel"]
 

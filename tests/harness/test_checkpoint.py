@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.tinymodels import make_batch, tiny_cfg
-
 from harness import checkpoint as ck
 from harness.ds_config import deepspeed_config, trainable_param_groups
 from mope.model import task_loss
+from tests.helpers.tinymodels import make_batch, tiny_cfg
 
 LRS = {"vision": 4e-4, "text": 5e-4}
 
@@ -257,7 +256,9 @@ class _FakeEngine:
     def save_checkpoint(self, d, tag=None, client_state=None, exclude_frozen_parameters=False):
         tag = tag or "global_step2"
         (Path(d) / tag).mkdir(parents=True, exist_ok=True)
-        torch.save({"module": {"w": torch.ones(2)}, "client": client_state}, Path(d) / tag / "mp_rank_00_model_states.pt")
+        torch.save(
+            {"module": {"w": torch.ones(2)}, "client": client_state}, Path(d) / tag / "mp_rank_00_model_states.pt"
+        )
         (Path(d) / "latest").write_text(tag)
 
     def load_checkpoint(self, d, tag=None, **kw):

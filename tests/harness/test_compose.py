@@ -6,7 +6,9 @@ import pytest
 
 from harness.compose import ConfigValidationError, compose, fusion_config, validate
 
-EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "harness/configs/experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(
+    p.stem for p in (Path(__file__).resolve().parents[2] / "harness/configs/experiment").glob("*.yaml")
+)
 
 
 @pytest.mark.parametrize("exp", EXPERIMENTS)
@@ -59,5 +61,13 @@ def test_weights_are_checked_only_for_the_encoders_the_model_builds(tmp_path):
     with pytest.raises(ConfigValidationError, match=r"video\.weights=.*nowhere does not exist"):
         validate(compose(["experiment=mustard_tiny_mope", f"data.shard_dir={shards}", f"video.weights={missing}"]))
     with pytest.raises(ConfigValidationError, match=r"vision\.weights=.*nowhere does not exist"):
-        validate(compose(["experiment=demo_mope", f"data.shard_dir={shards}", "data.auto_prepare=false",
-                          f"vision.weights={missing}"]))
+        validate(
+            compose(
+                [
+                    "experiment=demo_mope",
+                    f"data.shard_dir={shards}",
+                    "data.auto_prepare=false",
+                    f"vision.weights={missing}",
+                ]
+            )
+        )

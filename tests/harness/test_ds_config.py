@@ -7,10 +7,9 @@ import warnings
 import pytest
 import torch
 
-from tests.helpers.tinymodels import TINY_VIT, tiny_cfg
-
 from harness.ds_config import STEPS_PER_PRINT, deepspeed_config, modality_group, trainable_param_groups
 from mope.config import Method
+from tests.helpers.tinymodels import TINY_VIT, tiny_cfg
 
 BASE = dict(micro_batch=4, grad_accum=3, world_size=2, precision="fp32", zero_stage=2, grad_clip=1.0)
 
@@ -130,8 +129,12 @@ def test_text_main_puts_router_and_head_in_text_group():
     assert {"text prompts", "router", "head"} <= text
 
 
-FINE_TUNED = {"img_only": {"vision"}, "text_only": {"text"}, "late_concat": {"vision", "text"},
-              "sequential_fuse": {"vision", "text"}}
+FINE_TUNED = {
+    "img_only": {"vision"},
+    "text_only": {"text"},
+    "late_concat": {"vision", "text"},
+    "sequential_fuse": {"vision", "text"},
+}
 
 
 @pytest.mark.parametrize("trainer", ["demo", "paper"])

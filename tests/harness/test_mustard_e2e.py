@@ -12,18 +12,31 @@ from pathlib import Path
 import pytest
 
 
-
 @pytest.fixture(scope="module")
 def mustard_shards(tmp_path_factory) -> Path:
-    from tests.helpers.prep_helpers import make_mustard_replica
-
     from datasets_prep.cli import main as prep_main
+    from tests.helpers.prep_helpers import make_mustard_replica
 
     root = tmp_path_factory.mktemp("mustard")
     raw = make_mustard_replica(root / "raw", n=24, seconds=0.6, fps=10, size=32)
     out = root / "shards"
-    rc = prep_main(["mustard", "--src", str(raw), "--out", str(out), "--opt", "frames=4", "--opt", "frame_size=32",
-                    "--opt", "expect_entries=0", "--opt", "min_shards=1"])
+    rc = prep_main(
+        [
+            "mustard",
+            "--src",
+            str(raw),
+            "--out",
+            str(out),
+            "--opt",
+            "frames=4",
+            "--opt",
+            "frame_size=32",
+            "--opt",
+            "expect_entries=0",
+            "--opt",
+            "min_shards=1",
+        ]
+    )
     assert rc == 0
     return out
 
@@ -46,14 +59,25 @@ def test_prep_then_train_mustard_with_audio_and_video_logs_to_mlflow(mustard_sha
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     manifest = json.loads((mustard_shards / "train" / "manifest.json").read_text())
     assert manifest["frames"] == 4 and manifest["frames_source"] == "video"
-    rc, out = _train(["experiment=mustard_tiny_mope", f"data.shard_dir={mustard_shards}", f"paths.run_root={tmp_path}",
-                      "trainer.epochs=2", "trainer.max_steps_per_epoch=2", "trainer.batch_size=4",
-                      "trainer.log_every_steps=1", "trainer.routing_stats_every_steps=1"])
+    rc, out = _train(
+        [
+            "experiment=mustard_tiny_mope",
+            f"data.shard_dir={mustard_shards}",
+            f"paths.run_root={tmp_path}",
+            "trainer.epochs=2",
+            "trainer.max_steps_per_epoch=2",
+            "trainer.batch_size=4",
+            "trainer.log_every_steps=1",
+            "trainer.routing_stats_every_steps=1",
+        ]
+    )
     assert rc == 0, out[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("mope-demo").experiment_id]
-                                if client.get_experiment_by_name("mope-demo") else
-                                [e.experiment_id for e in client.search_experiments()])
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("mope-demo").experiment_id]
+        if client.get_experiment_by_name("mope-demo")
+        else [e.experiment_id for e in client.search_experiments()]
+    )
     assert run.info.status == "FINISHED"
     p, m = run.data.params, run.data.metrics
     assert p["model.complementary"] == '["audio", "video"]' and p["model.main"] == "text"
@@ -72,18 +96,28 @@ def test_prep_then_train_mustard_with_audio_and_video_logs_to_mlflow(mustard_sha
 
 
 def test_mustard_without_frames_says_how_to_get_them(tmp_path, monkeypatch):
-    from tests.helpers.prep_helpers import make_mustard_replica
-
     from datasets_prep.cli import main as prep_main
+    from tests.helpers.prep_helpers import make_mustard_replica
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     raw = make_mustard_replica(tmp_path / "raw", n=12, mp4=False)
     out = tmp_path / "shards"
-    assert prep_main(["mustard", "--src", str(raw), "--out", str(out), "--opt", "expect_entries=0",
-                      "--opt", "min_shards=1"]) == 0
-    rc, text = _train(["experiment=mustard_tiny_mope", f"data.shard_dir={out}", f"paths.run_root={tmp_path}",
-                       "trainer.max_steps_per_epoch=1", "trainer.batch_size=4"])
+    assert (
+        prep_main(
+            ["mustard", "--src", str(raw), "--out", str(out), "--opt", "expect_entries=0", "--opt", "min_shards=1"]
+        )
+        == 0
+    )
+    rc, text = _train(
+        [
+            "experiment=mustard_tiny_mope",
+            f"data.shard_dir={out}",
+            f"paths.run_root={tmp_path}",
+            "trainer.max_steps_per_epoch=1",
+            "trainer.batch_size=4",
+        ]
+    )
     assert rc == 2 and "Traceback" not in text, text[-2000:]
     assert f"data.shard_dir={out} carries ['text', 'audio'], but the model reads ['video']" in text, text[-2000:]
     assert "--opt frames=8" in text and "model.complementary" in text

@@ -15,16 +15,23 @@ PAIRED = {
     "axes": {"mope.num_experts": [2, 4, 8, 16, 32]},
     "arms": {
         "mope": {"method": "mope"},
-        "vanilla": {"method": "vanilla_prompt",
-                    "model.vanilla_prompt_len": "=(mope.num_experts + 1) * mope.prompt_len + 1"},
+        "vanilla": {
+            "method": "vanilla_prompt",
+            "model.vanilla_prompt_len": "=(mope.num_experts + 1) * mope.prompt_len + 1",
+        },
     },
     "seeds": [0, 1, 2],
 }
 
 
 def test_counts_axes_times_arms_times_seeds():
-    spec = build_spec({**PAIRED, "axes": {"mope.num_experts": [2, 4], "mope.prompt_len": [4, 6, 8]},
-                       "overrides": {"trainer.epochs": 1}})
+    spec = build_spec(
+        {
+            **PAIRED,
+            "axes": {"mope.num_experts": [2, 4], "mope.prompt_len": [4, 6, 8]},
+            "overrides": {"trainer.epochs": 1},
+        }
+    )
     trials = spec.expand()
     assert len(trials) == 2 * 3 * 2 * 3
     assert len({t.point_id for t in trials}) == 2 * 3 * 2
@@ -44,8 +51,15 @@ def test_seed_count_and_no_arms():
 
 
 def test_constraints_filter_points():
-    spec = build_spec({**PAIRED, "constraints": ["mope.num_experts * mope.prompt_len <= 96",
-                                                 "arm == 'mope' or model.vanilla_prompt_len < 100"]})
+    spec = build_spec(
+        {
+            **PAIRED,
+            "constraints": [
+                "mope.num_experts * mope.prompt_len <= 96",
+                "arm == 'mope' or model.vanilla_prompt_len < 100",
+            ],
+        }
+    )
     trials = spec.expand()
     mope = sorted({t.values["mope.num_experts"] for t in trials if t.arm == "mope"})
     van = sorted({t.values["mope.num_experts"] for t in trials if t.arm == "vanilla"})
@@ -62,10 +76,14 @@ def test_paired_arm_arithmetic():
     assert "model.vanilla_prompt_len=19" in t.overrides and "method=vanilla_prompt" in t.overrides
     assert t.label == "vanilla-num_experts2-vanilla_prompt_len19"
     # the shipped specs' form: the one formula (mope.config.tunable_prompts_per_layer) gives the same lengths
-    fn = {**PAIRED["arms"]["vanilla"], "model.vanilla_prompt_len": "=tunable_prompts(mope.num_experts, mope.prompt_len)"}
+    fn = {
+        **PAIRED["arms"]["vanilla"],
+        "model.vanilla_prompt_len": "=tunable_prompts(mope.num_experts, mope.prompt_len)",
+    }
     trials_fn = build_spec({**PAIRED, "arms": {**PAIRED["arms"], "vanilla": fn}}).expand()
-    assert {t.values["mope.num_experts"]: t.values["model.vanilla_prompt_len"]
-            for t in trials_fn if t.arm == "vanilla"} == got
+    assert {
+        t.values["mope.num_experts"]: t.values["model.vanilla_prompt_len"] for t in trials_fn if t.arm == "vanilla"
+    } == got
 
 
 def test_expression_reads_defaults_through_lookup():
@@ -76,10 +94,20 @@ def test_expression_reads_defaults_through_lookup():
     assert {t.values["model.vanilla_prompt_len"] for t in trials if t.arm == "vanilla"} >= {19, 199}
 
 
-@pytest.mark.parametrize("expr", [
-    "__import__('os').system('true')", "open('/etc/passwd')", "(lambda: 1)()", "mope.__class__", "[x for x in (1,)]",
-    "2 ** 1000", "exec('1')", "mope.num_experts.bit_length()", "{'a': 1}",
-])
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "__import__('os').system('true')",
+        "open('/etc/passwd')",
+        "(lambda: 1)()",
+        "mope.__class__",
+        "[x for x in (1,)]",
+        "2 ** 1000",
+        "exec('1')",
+        "mope.num_experts.bit_length()",
+        "{'a': 1}",
+    ],
+)
 def test_safe_eval_rejects_code(expr):
     with pytest.raises(SpecError):
         safe_eval(expr, {"mope.num_experts": 2, "mope": 1})
@@ -105,8 +133,13 @@ def test_spec_hash_stable_and_sensitive():
     reordered = {**PAIRED, "overrides": {"trainer.epochs": 1, "mope.prompt_len": 6}}
     assert build_spec(reordered).spec_hash == a.spec_hash
     # anything defining trials does
-    for change in ({"seeds": [0, 1]}, {"axes": {"mope.num_experts": [2, 4]}}, {"overrides": {"trainer.epochs": 2}},
-                   {"experiment": "demo_vanilla_prompt"}, {"constraints": ["mope.num_experts < 9"]}):
+    for change in (
+        {"seeds": [0, 1]},
+        {"axes": {"mope.num_experts": [2, 4]}},
+        {"overrides": {"trainer.epochs": 2}},
+        {"experiment": "demo_vanilla_prompt"},
+        {"constraints": ["mope.num_experts < 9"]},
+    ):
         assert build_spec({**PAIRED, **change}).spec_hash != a.spec_hash, change
     arms = copy.deepcopy(PAIRED["arms"])
     arms["vanilla"]["model.vanilla_prompt_len"] = "=(mope.num_experts + 1) * mope.prompt_len"
@@ -132,11 +165,21 @@ def test_point_id_and_trial_key_stable():
 
 
 def test_profiles_and_cli_overrides():
-    spec = build_spec({**PAIRED, "profiles": {"paper": {"experiment": "paper_food101_mope_swin_b_k4",
-                                                         "overrides": {"trainer.epochs": 15},
-                                                         "axes": {"mope.num_experts": [4, 16]},
-                                                         "resources": {"gpus_per_worker": 1}}}},
-                      profile="paper", extra_overrides=["data=mmimdb"])
+    spec = build_spec(
+        {
+            **PAIRED,
+            "profiles": {
+                "paper": {
+                    "experiment": "paper_food101_mope_swin_b_k4",
+                    "overrides": {"trainer.epochs": 15},
+                    "axes": {"mope.num_experts": [4, 16]},
+                    "resources": {"gpus_per_worker": 1},
+                }
+            },
+        },
+        profile="paper",
+        extra_overrides=["data=mmimdb"],
+    )
     assert spec.experiment == "paper_food101_mope_swin_b_k4" and spec.resources.gpus_per_worker == 1
     assert spec.overrides == {"mope.prompt_len": 6, "trainer.epochs": 15, "data": "mmimdb"}
     assert len(spec.expand()) == 2 * 2 * 3
@@ -146,23 +189,26 @@ def test_profiles_and_cli_overrides():
         build_spec(PAIRED, extra_overrides=["mope.num_experts=3"])
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"axes": {"mope.num_experts": []}}, "non-empty list"),
-    ({"axes": {"mope.num_experts": [2, 2]}}, "duplicate"),
-    ({"seeds": [0, 0]}, "duplicates"),
-    ({"seeds": 0}, "seeds"),
-    ({"overrides": {"seed": 1}}, "reserved"),
-    ({"overrides": {"mope.k": "=1+1"}}, "only allowed in arms"),
-    ({"arms": {"a": {"mope.num_experts": 3}}}, "which are axes"),
-    ({"arms": {"a": {"method": "mope"}, "b": {"method": "mope"}}}, "duplicate trials"),
-    ({"constraints": ["mope.num_experts > 100"]}, "exclude every point"),
-    ({"constraints": ["mope.num_experts +"]}, "not valid"),
-    ({"resources": {"gpus_per_worker": 1.5}}, "fractions only below 1"),
-    ({"resources": {"gpu": 1}}, "unknown key"),
-    ({"objective": {"metric": "val/acc", "mode": "up"}}, "mode"),
-    ({"bogus": 1}, "unknown top-level"),
-    ({"name": "has space"}, "name="),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"axes": {"mope.num_experts": []}}, "non-empty list"),
+        ({"axes": {"mope.num_experts": [2, 2]}}, "duplicate"),
+        ({"seeds": [0, 0]}, "duplicates"),
+        ({"seeds": 0}, "seeds"),
+        ({"overrides": {"seed": 1}}, "reserved"),
+        ({"overrides": {"mope.k": "=1+1"}}, "only allowed in arms"),
+        ({"arms": {"a": {"mope.num_experts": 3}}}, "which are axes"),
+        ({"arms": {"a": {"method": "mope"}, "b": {"method": "mope"}}}, "duplicate trials"),
+        ({"constraints": ["mope.num_experts > 100"]}, "exclude every point"),
+        ({"constraints": ["mope.num_experts +"]}, "not valid"),
+        ({"resources": {"gpus_per_worker": 1.5}}, "fractions only below 1"),
+        ({"resources": {"gpu": 1}}, "unknown key"),
+        ({"objective": {"metric": "val/acc", "mode": "up"}}, "mode"),
+        ({"bogus": 1}, "unknown top-level"),
+        ({"name": "has space"}, "name="),
+    ],
+)
 def test_bad_specs_are_named(bad, match):
     with pytest.raises(SpecError, match=match):
         build_spec({**PAIRED, **bad}).expand()
@@ -186,8 +232,10 @@ def test_resources_concurrency():
 
 def test_load_spec_yaml(tmp_path):
     p = tmp_path / "s.yaml"
-    p.write_text("name: t\nexperiment: demo_mope\noverrides: ['trainer.epochs=2', 'data.shots=8']\n"
-                 "axes: {mope.num_experts: [2, 4]}\nprofiles: {p: {seeds: [5]}}\n")
+    p.write_text(
+        "name: t\nexperiment: demo_mope\noverrides: ['trainer.epochs=2', 'data.shots=8']\n"
+        "axes: {mope.num_experts: [2, 4]}\nprofiles: {p: {seeds: [5]}}\n"
+    )
     spec = load_spec(p, ["profile=p", "trainer.lr_vision=0.01"])
     assert spec.overrides == {"trainer.epochs": 2, "data.shots": 8, "trainer.lr_vision": 0.01}
     assert spec.seeds == [5] and spec.profile == "p" and len(spec.expand()) == 2

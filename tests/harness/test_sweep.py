@@ -25,8 +25,15 @@ SMOKE = ROOT / "sweeps" / "smoke.yaml"
 
 def test_sweeps_are_shipped():
     names = {p.stem for p in SWEEPS}
-    assert {"expert_vs_length", "data_scaling", "routing", "importance_loss", "prompt_ablation", "baselines",
-            "smoke"} <= names
+    assert {
+        "expert_vs_length",
+        "data_scaling",
+        "routing",
+        "importance_loss",
+        "prompt_ablation",
+        "baselines",
+        "smoke",
+    } <= names
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
@@ -63,8 +70,11 @@ def test_data_scaling_mustard_profile_is_text_main_with_audio_and_video():
 def test_expert_vs_length_pairs_each_k():
     spec, trials = plan(str(ROOT / "sweeps/expert_vs_length.yaml"), check_paths=False)
     assert len(trials) == 3 * 2 * 3 and spec.seeds == [0, 1, 2]  # the default profile: k in {8, 4, 2}, 3 seeds
-    van = {t["cfg"]["mope"]["num_experts"]: t["cfg"]["model"]["vanilla_prompt_len"] for t in trials
-           if t["arm"] == "vanilla"}
+    van = {
+        t["cfg"]["mope"]["num_experts"]: t["cfg"]["model"]["vanilla_prompt_len"]
+        for t in trials
+        if t["arm"] == "vanilla"
+    }
     assert van == {2: 19, 4: 31, 8: 55}
     assert all(t["cfg"]["trainer"]["max_steps_per_epoch"] == 75 and t["cfg"]["trainer"]["epochs"] == 2 for t in trials)
     paper = plan(str(ROOT / "sweeps/expert_vs_length.yaml"), ["profile=paper"], check_paths=False)[1]
@@ -91,7 +101,7 @@ def test_dry_run_prints_the_trial_table(capsys):
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert any(line.startswith("sweep expert_vs_length-") for line in lines)
-    table = lines[lines.index(next(line for line in lines if line.startswith("#  "))):]
+    table = lines[lines.index(next(line for line in lines if line.startswith("#  "))) :]
     assert len(table) == 2 + 18
     assert "model.vanilla_prompt_len" in table[0] and "point_id" in table[0]
     row = next(line for line in table if "vanilla_prompt_len55-s2" in line)
@@ -105,8 +115,10 @@ def test_trial_table_columns():
 
 def test_bad_spec_is_named(tmp_path, capsys):
     p = tmp_path / "bad.yaml"
-    p.write_text("name: bad\nexperiment: demo_mope\naxes: {mope.num_experts: [2]}\n"
-                 "arms: {v: {method: vanilla_prompt, model.vanilla_prompt_len: '=mope.prompt_len * nope'}}\n")
+    p.write_text(
+        "name: bad\nexperiment: demo_mope\naxes: {mope.num_experts: [2]}\n"
+        "arms: {v: {method: vanilla_prompt, model.vanilla_prompt_len: '=mope.prompt_len * nope'}}\n"
+    )
     assert cli_main(["validate", str(p), "--no-path-check"]) == 2
     assert "unknown name 'nope'" in capsys.readouterr().err
     p.write_text("name: bad\nexperiment: demo_mope\naxes: {mope.routing: [sparse]}\n")
@@ -119,8 +131,16 @@ def test_progress_lines_eta():
 
     rows = [
         {"label": "a", "seed": 0, "state": "TERMINATED", "epoch": 1, "epochs": 2, "metric": 0.61, "duration": 100.0},
-        {"label": "b", "seed": 0, "state": "RUNNING", "epoch": 0, "epochs": 2, "metric": 0.5, "frac": 0.5,
-         "running_for": 50.0},
+        {
+            "label": "b",
+            "seed": 0,
+            "state": "RUNNING",
+            "epoch": 0,
+            "epochs": 2,
+            "metric": 0.5,
+            "frac": 0.5,
+            "running_for": 50.0,
+        },
         {"label": "c", "seed": 0, "state": "PENDING", "epoch": None, "epochs": 2, "metric": None},
     ]
     lines = progress_lines(rows, sweep_id="s-1", objective="objective", concurrency=2, elapsed=150)
@@ -137,9 +157,25 @@ def small_demo(tmp_path_factory) -> Path:
     from datasets_prep.pretrain_vision import PretrainConfig
 
     root = tmp_path_factory.mktemp("sweepdata")
-    build_demo(root / "demo", DemoConfig(train_pairs=512, val_pairs=128, test_pairs=128, pretrain=PretrainConfig(
-        embed_dim=32, depth=2, num_heads=2, epochs=1, grids_per_epoch=256, val_grids=64, batch_size=64, threads=1)),
-        shard_size=32)
+    build_demo(
+        root / "demo",
+        DemoConfig(
+            train_pairs=512,
+            val_pairs=128,
+            test_pairs=128,
+            pretrain=PretrainConfig(
+                embed_dim=32,
+                depth=2,
+                num_heads=2,
+                epochs=1,
+                grids_per_epoch=256,
+                val_grids=64,
+                batch_size=64,
+                threads=1,
+            ),
+        ),
+        shard_size=32,
+    )
     return root
 
 
@@ -174,8 +210,12 @@ def test_driver_prepares_fewshot_subsets(small_demo):
     from datasets_prep.fewshot import read_fewshot
     from harness.launch import prepare_shared_inputs
 
-    cfgs = [compose(["experiment=demo_mope", f"paths.data_root={small_demo}", "data.auto_prepare=false",
-                     f"data.shots={n}"]) for n in (16, 64, 16)]
+    cfgs = [
+        compose(
+            ["experiment=demo_mope", f"paths.data_root={small_demo}", "data.auto_prepare=false", f"data.shots={n}"]
+        )
+        for n in (16, 64, 16)
+    ]
     prepare_shared_inputs(cfgs)
     big = read_fewshot(small_demo / "demo" / "train", 64, 0)  # raises when missing or stale
     small = read_fewshot(small_demo / "demo" / "train", 16, 0)
@@ -189,8 +229,14 @@ def test_sweep_killed_midway_resumes_without_rerun_or_duplicates(small_demo, tmp
     env = _env(small_demo, run_root)
     log1 = (tmp_path / "first.log").open("w")
     # one trial at a time, so that killing after the first one finished leaves the second one mid-way
-    proc = subprocess.Popen(_sweep_cmd("--num-cpus", "1"), cwd=tmp_path, env=env, stdout=log1,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        _sweep_cmd("--num-cpus", "1"),
+        cwd=tmp_path,
+        env=env,
+        stdout=log1,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     first = None
     try:
         deadline = time.time() + 600
@@ -214,8 +260,9 @@ def test_sweep_killed_midway_resumes_without_rerun_or_duplicates(small_demo, tmp
     ckpt_mtimes = {p: p.stat().st_mtime for p in first_dir.rglob("*") if p.is_file()}
     assert ckpt_mtimes
 
-    second = subprocess.run(_sweep_cmd(), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-                            check=False)
+    second = subprocess.run(
+        _sweep_cmd(), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
     assert "2/2 trials FINISHED" in out and "resuming" in out
@@ -243,14 +290,16 @@ def test_sweep_killed_midway_resumes_without_rerun_or_duplicates(small_demo, tmp
     assert len([d for d in exp_dirs[0].iterdir() if d.is_dir()]) == 2
     ends = {r.info.run_id: r.info.end_time for r in children}
     # a third run finds everything finished and runs nothing
-    third = subprocess.run(_sweep_cmd(), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-                           check=False)
+    third = subprocess.run(
+        _sweep_cmd(), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
     assert third.returncode == 0 and "2/2 trials FINISHED" in third.stdout, third.stdout[-3000:]
     # without Tune's state (lost storage, or a crash before Tune saved it), the MLflow child runs' FINISHED status
     # is the second line of defence: Tune schedules the trials again, they see their runs and do not train
     shutil.rmtree(exp_dirs[0])
-    fourth = subprocess.run(_sweep_cmd(), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-                            check=False)
+    fourth = subprocess.run(
+        _sweep_cmd(), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
     assert fourth.returncode == 0 and "2/2 trials FINISHED" in fourth.stdout, fourth.stdout[-3000:]
     assert fourth.stdout.count("SKIPPED") >= 2
     children = _children(_runs(run_root))
@@ -294,9 +343,19 @@ def test_two_worker_torchtrainer_trial_trains_on_disjoint_data(small_demo, tmp_p
 def test_progress_row_shows_a_failed_trial_and_its_cause():
     from harness.sweep_runs import progress_lines
 
-    rows = [{"label": "a", "seed": 0, "state": "TERMINATED", "epoch": None, "epochs": 2, "metric": float("nan"),
-             "duration": 3.0, "status": "failed: ValueError: trainer.min_steps_per_epoch=9 > ..."},
-            {"label": "b", "seed": 0, "state": "TERMINATED", "epoch": 1, "epochs": 2, "metric": 0.6, "duration": 9.0}]
+    rows = [
+        {
+            "label": "a",
+            "seed": 0,
+            "state": "TERMINATED",
+            "epoch": None,
+            "epochs": 2,
+            "metric": float("nan"),
+            "duration": 3.0,
+            "status": "failed: ValueError: trainer.min_steps_per_epoch=9 > ...",
+        },
+        {"label": "b", "seed": 0, "state": "TERMINATED", "epoch": 1, "epochs": 2, "metric": 0.6, "duration": 9.0},
+    ]
     lines = progress_lines(rows, sweep_id="s-1", objective="objective", concurrency=2, elapsed=10)
     assert "errors 1" in lines[0] and "done 2/2" in lines[0]
     assert "FAILED" in lines[2] and "min_steps_per_epoch" in lines[2] and "FAILED" not in lines[3]
@@ -320,13 +379,24 @@ def test_deterministic_trial_failure_fails_fast_with_its_cause(small_demo, tmp_p
     """A configuration error inside a trial (passes spec validation, raises in the worker) is not retried: the trial
     row says FAILED with the cause, the MLflow child is FAILED with harness.error, the other trial still finishes."""
     spec = tmp_path / "bad.yaml"
-    spec.write_text(SMOKE.read_text().replace("name: smoke", "name: smoke_bad").replace(
-        "  vanilla:\n    method: vanilla_prompt\n",
-        "  vanilla:\n    method: vanilla_prompt\n    trainer.min_steps_per_epoch: 9\n"))
+    spec.write_text(
+        SMOKE.read_text()
+        .replace("name: smoke", "name: smoke_bad")
+        .replace(
+            "  vanilla:\n    method: vanilla_prompt\n",
+            "  vanilla:\n    method: vanilla_prompt\n    trainer.min_steps_per_epoch: 9\n",
+        )
+    )
     run_root = tmp_path / "runs"
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "sweep", str(spec), "--progress-every", "5",
-                           "--no-report"], cwd=tmp_path, env=_env(small_demo, run_root), capture_output=True,
-                          text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "sweep", str(spec), "--progress-every", "5", "--no-report"],
+        cwd=tmp_path,
+        env=_env(small_demo, run_root),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     assert "retrying" not in out, out[-3000:]  # Tune's on_trial_recover never fired
@@ -334,8 +404,11 @@ def test_deterministic_trial_failure_fails_fast_with_its_cause(small_demo, tmp_p
     assert "1/2 trials FINISHED" in out
     children = _children(_runs(run_root))
     assert len(children) == 2
-    bad = next(r for r in children if r.data.tags.get("harness.arm") == "vanilla" or "vanilla" in
-               r.data.tags.get("mlflow.runName", ""))
+    bad = next(
+        r
+        for r in children
+        if r.data.tags.get("harness.arm") == "vanilla" or "vanilla" in r.data.tags.get("mlflow.runName", "")
+    )
     assert bad.info.status == "FAILED" and "min_steps_per_epoch" in bad.data.tags["harness.error"]
     assert sum(r.info.status == "FINISHED" for r in children) == 1
 
@@ -362,10 +435,23 @@ def test_a_trial_stopped_by_ray_or_ctrl_c_is_killed_not_failed(monkeypatch, stop
     monkeypatch.setattr(recipe, "open_tracker", lambda *a, **kw: Tracker())
     monkeypatch.setattr(recipe, "train", interrupted)
     monkeypatch.setattr(launch, "finished_child_metrics", lambda cfg, key: None)
-    trial = {"cfg": {"trainer": {"epochs": 2}}, "trial_key": "s/p/0", "sweep_id": "s", "point_id": "p", "seed": 0,
-             "arm": "mope", "label": "mope", "values": {}}
-    config = {"trial": trial, "objective": {"metric": "objective"}, "resources": {"workers": 1},
-              "parent_run_id": "parent", "spec_hash": "h"}
+    trial = {
+        "cfg": {"trainer": {"epochs": 2}},
+        "trial_key": "s/p/0",
+        "sweep_id": "s",
+        "point_id": "p",
+        "seed": 0,
+        "arm": "mope",
+        "label": "mope",
+        "values": {},
+    }
+    config = {
+        "trial": trial,
+        "objective": {"metric": "objective"},
+        "resources": {"workers": 1},
+        "parent_run_id": "parent",
+        "spec_hash": "h",
+    }
     with pytest.raises(type(stop)):
         launch.run_trial(config)
     assert seen == {"status": "KILLED"}

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.compose import compose, fusion_config as fusion_config_of
-from tests.helpers.demo_helpers import cfg_for
+from harness.compose import compose
+from harness.compose import fusion_config as fusion_config_of
 from harness.recipe import open_tracker, train
+from tests.helpers.demo_helpers import cfg_for
 
 
 def _client(cfg):
@@ -35,8 +36,15 @@ def test_train_logs_everything_and_learns(small_demo, tmp_path, monkeypatch):
     ent = c.get_metric_history(r.info.run_id, "routing/entropy")
     assert len(ent) == 12 and all(0 <= m.value <= 2.0 + 1e-6 for m in ent)  # log2(4) bits at most
     assert "routing/importance_last/e3" in r.data.metrics and "routing/entropy_block1" in r.data.metrics
-    for k in ("final/test_acc", "final/test_acc_last", "final/val_acc_best", "perf/train_samples_per_s",
-              "perf/data_wait_frac", "perf/peak_mem_mb", "val/acc"):
+    for k in (
+        "final/test_acc",
+        "final/test_acc_last",
+        "final/val_acc_best",
+        "perf/train_samples_per_s",
+        "perf/data_wait_frac",
+        "perf/peak_mem_mb",
+        "val/acc",
+    ):
         assert k in r.data.metrics, k
     arts = {a.path for a in c.list_artifacts(r.info.run_id)}
     assert {"provenance.json", "config.yaml", "adapter"} <= arts
@@ -84,9 +92,17 @@ def test_changed_config_is_a_new_run_and_a_rerun_never_overwrites(small_demo, tm
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    base = [f"data.shard_dir={small_demo}", f"vision.weights={small_demo}/vision_encoder", f"paths.run_root={tmp_path}",
-            "data.auto_prepare=false", "deepspeed=off", "trainer.num_workers=0", "trainer.batch_size=32",
-            "trainer.threads=1", "trainer.epochs=1"]
+    base = [
+        f"data.shard_dir={small_demo}",
+        f"vision.weights={small_demo}/vision_encoder",
+        f"paths.run_root={tmp_path}",
+        "data.auto_prepare=false",
+        "deepspeed=off",
+        "trainer.num_workers=0",
+        "trainer.batch_size=32",
+        "trainer.threads=1",
+        "trainer.epochs=1",
+    ]
     a = compose(["experiment=demo_mope", *base])
     b = compose(["experiment=demo_mope", *base, "trainer.lr_vision=5e-3"])
     assert config_id(a) == config_id(compose(["experiment=demo_mope", *base, "resume=true"]))  # run control only
@@ -107,8 +123,12 @@ def test_changed_config_is_a_new_run_and_a_rerun_never_overwrites(small_demo, tm
 def test_to_device_moves_nested_inputs_and_keeps_label_dtype():
     from harness.engines import to_device
 
-    batch = {"image": torch.ones(2, 3), "text": {"input_ids": torch.ones(2, 4, dtype=torch.long)},
-             "label": torch.tensor([0.0, 1.0]), "key": ["a", "b"]}
+    batch = {
+        "image": torch.ones(2, 3),
+        "text": {"input_ids": torch.ones(2, 4, dtype=torch.long)},
+        "label": torch.tensor([0.0, 1.0]),
+        "key": ["a", "b"],
+    }
     out = to_device(batch, torch.device("cpu"), torch.bfloat16)
     assert out is batch and batch["image"].dtype == torch.bfloat16  # in place: the caller's batch is the moved one
     assert batch["text"]["input_ids"].dtype == torch.long and batch["label"].dtype == torch.float32
@@ -135,10 +155,10 @@ def test_feature_cache_encodes_each_distinct_input_once_and_matches_direct(small
     """The cache of the frozen text tower: every sample covered, each distinct statement encoded once (the demo has
     far fewer statements than pairs), features equal to encoding each batch directly."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from mope_data import make_eval_loader
     from harness.feature_cache import FeatureCache, input_row_digests
     from harness.run_setup import loader_config
     from mope import build_model
+    from mope_data import make_eval_loader
 
     cfg = cfg_for(small_demo, tmp_path)
     model = build_model(fusion_config_of(cfg)).eval()

@@ -14,21 +14,36 @@ def build_small_demo(out: Path) -> Path:
     from datasets_prep.pretrain_vision import PretrainConfig
 
     cfg = DemoConfig(
-        train_pairs=512, val_pairs=128, test_pairs=128,
-        pretrain=PretrainConfig(embed_dim=32, depth=2, num_heads=2, epochs=1, grids_per_epoch=256, val_grids=64,
-                                batch_size=64, threads=1),
+        train_pairs=512,
+        val_pairs=128,
+        test_pairs=128,
+        pretrain=PretrainConfig(
+            embed_dim=32, depth=2, num_heads=2, epochs=1, grids_per_epoch=256, val_grids=64, batch_size=64, threads=1
+        ),
     )
     build_demo(out, cfg, shard_size=32, verbose=False)
     return out
 
 
 def cfg_for(demo: Path, run_root: Path, *extra: str) -> dict:
-    return compose([
-        "experiment=demo_mope", f"data.shard_dir={demo}", f"vision.weights={demo}/vision_encoder",
-        f"paths.run_root={run_root}", "data.auto_prepare=false", "deepspeed=off", "trainer.num_workers=0",
-        "trainer.batch_size=32", "trainer.log_every_steps=4", "trainer.routing_stats_every_steps=4",
-        "trainer.threads=1", "trainer.lr_vision=1e-2", "trainer.lr_text=1e-2", *extra,
-    ])
+    return compose(
+        [
+            "experiment=demo_mope",
+            f"data.shard_dir={demo}",
+            f"vision.weights={demo}/vision_encoder",
+            f"paths.run_root={run_root}",
+            "data.auto_prepare=false",
+            "deepspeed=off",
+            "trainer.num_workers=0",
+            "trainer.batch_size=32",
+            "trainer.log_every_steps=4",
+            "trainer.routing_stats_every_steps=4",
+            "trainer.threads=1",
+            "trainer.lr_vision=1e-2",
+            "trainer.lr_text=1e-2",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="session")

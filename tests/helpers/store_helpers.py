@@ -17,19 +17,34 @@ ROOT = Path(__file__).resolve().parents[2]
 def trial_values(t: dict[str, Any]) -> dict[str, Any]:
     """The composed config values a metric function may read."""
     cfg = t["cfg"]
-    return {"method": cfg["method"]["name"], "k": cfg["mope"]["num_experts"], "l": cfg["mope"]["prompt_len"],
-            "L": cfg["model"]["vanilla_prompt_len"], "shots": cfg["data"]["shots"], "seed": t["seed"],
-            "routing": cfg["mope"]["routing"], "keys": cfg["mope"]["routing_keys"],
-            "w_imp": cfg["mope"]["imp_loss_weight"], "arm": t["arm"], "label": t["label"]}
+    return {
+        "method": cfg["method"]["name"],
+        "k": cfg["mope"]["num_experts"],
+        "l": cfg["mope"]["prompt_len"],
+        "L": cfg["model"]["vanilla_prompt_len"],
+        "shots": cfg["data"]["shots"],
+        "seed": t["seed"],
+        "routing": cfg["mope"]["routing"],
+        "keys": cfg["mope"]["routing_keys"],
+        "w_imp": cfg["mope"]["imp_loss_weight"],
+        "arm": t["arm"],
+        "label": t["label"],
+    }
 
 
-def make_store(tmp: Path, spec: str, acc: Callable[[dict[str, Any]], float], *,
-               skip: Callable[[dict[str, Any]], bool] = lambda v: False,
-               status: Callable[[dict[str, Any]], str] = lambda v: "FINISHED",
-               omit_metrics: Callable[[dict[str, Any]], set[str]] = lambda v: set(),
-               history: Callable[[dict[str, Any]], dict[str, list[tuple[int, float]]]] | None = None,
-               extra: Callable[[dict[str, Any]], dict[str, float]] = lambda v: {},
-               finish_parent: bool = True, overrides: list[str] | None = None) -> tuple[str, Any, list[dict]]:
+def make_store(
+    tmp: Path,
+    spec: str,
+    acc: Callable[[dict[str, Any]], float],
+    *,
+    skip: Callable[[dict[str, Any]], bool] = lambda v: False,
+    status: Callable[[dict[str, Any]], str] = lambda v: "FINISHED",
+    omit_metrics: Callable[[dict[str, Any]], set[str]] = lambda v: set(),
+    history: Callable[[dict[str, Any]], dict[str, list[tuple[int, float]]]] | None = None,
+    extra: Callable[[dict[str, Any]], dict[str, float]] = lambda v: {},
+    finish_parent: bool = True,
+    overrides: list[str] | None = None,
+) -> tuple[str, Any, list[dict]]:
     """Writes a store under `tmp` for sweeps/<spec>.yaml; returns (tracking URI, spec, trials).
 
     acc(values) -> final/test_acc of a trial (val best = acc − 0.005, last weights = acc − 0.002); `skip` leaves a
@@ -49,14 +64,25 @@ def make_store(tmp: Path, spec: str, acc: Callable[[dict[str, Any]], float], *,
         v = trial_values(t)
         if skip(v):
             continue
-        tr = open_tracker(t["cfg"], rank=0, trial_key=t["trial_key"], parent_run_id=parent.run_id,
-                          tags=child_tags(t, spec_obj.spec_hash))
+        tr = open_tracker(
+            t["cfg"],
+            rank=0,
+            trial_key=t["trial_key"],
+            parent_run_id=parent.run_id,
+            tags=child_tags(t, spec_obj.spec_hash),
+        )
         a = acc(v)
         tunable = tunable_prompts_per_layer(v["k"], v["l"]) if v["method"] in ("mope", "vanilla_prompt") else 0
-        final = {"final/test_acc": a, "final/val_acc_best": a - 0.005, "final/test_acc_last": a - 0.002,
-                 "perf/train_samples_per_s": 6400.0 / (20 + (tunable if v["method"] == "vanilla_prompt" else 13)),
-                 "cost/trainable_params": 1000.0 * (v["k"] or 1), "perf/wall_s": 30.0,
-                 "val/pred_class_frac_max": 0.55, **extra(v)}
+        final = {
+            "final/test_acc": a,
+            "final/val_acc_best": a - 0.005,
+            "final/test_acc_last": a - 0.002,
+            "perf/train_samples_per_s": 6400.0 / (20 + (tunable if v["method"] == "vanilla_prompt" else 13)),
+            "cost/trainable_params": 1000.0 * (v["k"] or 1),
+            "perf/wall_s": 30.0,
+            "val/pred_class_frac_max": 0.55,
+            **extra(v),
+        }
         for k in omit_metrics(v):
             final.pop(k, None)
         st = status(v)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.helpers.tinymodels import IMG, TINY_SWIN, TINY_VIT
 
 from mope.backbones import create_encoder
 from mope.backbones.frames import FrameEncoder
+from tests.helpers.tinymodels import IMG, TINY_SWIN, TINY_VIT
 
 TOL = 1e-6
 

@@ -57,13 +57,24 @@ def test_cli_json_has_integer_trainable():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = subprocess.run(
         [sys.executable, "-m", "harness.cli", "inspect", "--preset", "paper/p_img_only_swin_b", "--json"],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     rep = json.loads(out.stdout)
-    assert isinstance(rep["trainable"], int) and rep["trainable"] == 6 * (128 * 2 + 256 * 2 + 512 * 18 + 1024 * 2) + 3 * 1024 + 3
-    bad = subprocess.run([sys.executable, "-m", "harness.cli", "inspect", "--preset", "nope"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    assert (
+        isinstance(rep["trainable"], int)
+        and rep["trainable"] == 6 * (128 * 2 + 256 * 2 + 512 * 18 + 1024 * 2) + 3 * 1024 + 3
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "inspect", "--preset", "nope"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "available" in bad.stderr
 
 
@@ -81,11 +92,11 @@ def test_mustard_preset_text_main_audio_video_complementary():
 
 
 def test_inspect_list_shows_counts_for_every_preset():
-    from harness.inspect_cmd import main
-    from mope.presets import list_presets
-
     import io
     from contextlib import redirect_stdout
+
+    from harness.inspect_cmd import main
+    from mope.presets import list_presets
 
     buf = io.StringIO()
     with redirect_stdout(buf):

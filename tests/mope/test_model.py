@@ -6,7 +6,6 @@ import torch
 from mope import AdapterMismatchError, load_adapter, save_adapter, task_loss
 from mope.config import Method, Task
 from mope.methods import METHODS
-
 from tests.helpers.tinymodels import IMG, TINY_SWIN, TINY_VIT, build, make_batch, tiny_cfg
 
 ALL_METHODS = list(Method)
@@ -177,8 +176,12 @@ def test_new_model_keeps_frozen_timm_encoder_in_eval():
 
 
 TABLE2_ROWS = {  # mope-reference Table 2: which of [P_s, P_d, P_m] the main encoder gets
-    "P_s": (True, False, False), "P_d": (False, True, False), "P_m": (False, False, True),
-    "P_s+P_d": (True, True, False), "P_s+P_m": (True, False, True), "P_d+P_m": (False, True, True),
+    "P_s": (True, False, False),
+    "P_d": (False, True, False),
+    "P_m": (False, False, True),
+    "P_s+P_d": (True, True, False),
+    "P_s+P_m": (True, False, True),
+    "P_d+P_m": (False, True, True),
     "all": (True, True, True),
 }
 

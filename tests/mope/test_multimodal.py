@@ -11,26 +11,44 @@ import torch
 from mope.config import ConfigError, EncoderConfig, FusionConfig
 from tests.helpers.tinymodels import TINY_BERT, TINY_VIT, build, tiny_cfg
 
-TINY_W2V = EncoderConfig(kind="hf_wav2vec2", name="wav2vec2-base", kwargs=dict(
-    hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
-    conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2))
+TINY_W2V = EncoderConfig(
+    kind="hf_wav2vec2",
+    name="wav2vec2-base",
+    kwargs=dict(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8, 8),
+        conv_kernel=(10, 3),
+        conv_stride=(5, 2),
+        num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2,
+    ),
+)
 
 
 def mustard_cfg(method="mope", comp=("audio", "video"), **kw) -> FusionConfig:
     base = tiny_cfg(method)
-    return dataclasses.replace(base, main="text", complementary=list(comp), audio=TINY_W2V, video=TINY_VIT,
-                               num_classes=2, **kw)
+    return dataclasses.replace(
+        base, main="text", complementary=list(comp), audio=TINY_W2V, video=TINY_VIT, num_classes=2, **kw
+    )
 
 
 def mustard_batch(B=4, L=3200, T=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     amask = torch.ones(B, L, dtype=torch.long)
-    amask[1, L // 2:] = 0
+    amask[1, L // 2 :] = 0
     tmask = torch.ones(B, 6, dtype=torch.long)
     tmask[::2, 4:] = 0
-    return {"input_ids": torch.randint(1, 100, (B, 6), generator=g), "attention_mask": tmask,
-            "audio": torch.randn(B, L, generator=g) * amask, "audio_mask": amask,
-            "frames": torch.randn(B, T, 3, 32, 32, generator=g), "label": torch.randint(0, 2, (B,), generator=g)}
+    return {
+        "input_ids": torch.randint(1, 100, (B, 6), generator=g),
+        "attention_mask": tmask,
+        "audio": torch.randn(B, L, generator=g) * amask,
+        "audio_mask": amask,
+        "frames": torch.randn(B, T, 3, 32, 32, generator=g),
+        "label": torch.randint(0, 2, (B,), generator=g),
+    }
 
 
 def test_psi_is_the_concatenation_of_the_audio_and_video_features_in_order():
@@ -62,8 +80,9 @@ def test_multi_complementary_is_a_frozen_cacheable_black_box_and_every_prompt_le
     assert out.routing is not None and out.logits.shape == (4, 2)
     (out.logits.sum() + out.aux_loss).backward()
     trainable = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
-    assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainable), \
-        [n for n, p in trainable if p.grad is None or p.grad.abs().sum() == 0]
+    assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainable), [
+        n for n, p in trainable if p.grad is None or p.grad.abs().sum() == 0
+    ]
     comps = m.parameter_report()["components"]
     assert comps["audio+video encoder"]["trainable"] == 0 and comps["text prompts"]["trainable"] > 0
     # the cached feature path gives the same logits
@@ -77,11 +96,11 @@ def test_batch_independence_with_audio_and_video():
     b = mustard_batch()
     full = m(b).logits
     for i in range(4):
-        one = {k: v[i:i + 1] for k, v in b.items()}
+        one = {k: v[i : i + 1] for k, v in b.items()}
         if i == 1:  # the padded clip alone, without its padding
             n = int(b["audio_mask"][1].sum())
             one["audio"], one["audio_mask"] = one["audio"][:, :n], one["audio_mask"][:, :n]
-        torch.testing.assert_close(m(one).logits, full[i:i + 1], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(m(one).logits, full[i : i + 1], atol=1e-5, rtol=1e-4)
 
 
 def test_single_audio_complementary_and_vision_main():
@@ -97,14 +116,17 @@ def test_single_audio_complementary_and_vision_main():
     assert not any(p.requires_grad for p in m.comp_encoder.parameters())
 
 
-@pytest.mark.parametrize("kw, field", [
-    (dict(complementary=["text"]), "complementary"),  # the main modality
-    (dict(complementary=["audio", "audio"]), "complementary"),
-    (dict(complementary=["smell"]), "complementary"),
-    (dict(complementary=["audio"], audio=None), "complementary"),
-    (dict(complementary=["video"], video=TINY_BERT), "video.kind"),
-    (dict(complementary=["audio"], audio=TINY_VIT), "audio.kind"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(complementary=["text"]), "complementary"),  # the main modality
+        (dict(complementary=["audio", "audio"]), "complementary"),
+        (dict(complementary=["smell"]), "complementary"),
+        (dict(complementary=["audio"], audio=None), "complementary"),
+        (dict(complementary=["video"], video=TINY_BERT), "video.kind"),
+        (dict(complementary=["audio"], audio=TINY_VIT), "audio.kind"),
+    ],
+)
 def test_bad_modality_config_is_named(kw, field):
     base = dict(method="mope", vision=TINY_VIT, text=TINY_BERT, main="text", audio=TINY_W2V, video=TINY_VIT)
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

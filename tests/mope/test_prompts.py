@@ -10,8 +10,13 @@ from mope.backbones.base import EncoderLayout
 from mope.config import ConfigError, FusionConfig, MoPEConfig
 from mope.prompts import PromptGenerator, importance_cv2, importance_loss, routing_entropy
 
-LAYOUT = EncoderLayout(block_dims=[16, 16, 32, 32], block_stage=[0, 0, 1, 1], out_dim=32, prompt_init_scale=0.1,
-                       stage_first_blocks=frozenset({0, 2}))
+LAYOUT = EncoderLayout(
+    block_dims=[16, 16, 32, 32],
+    block_stage=[0, 0, 1, 1],
+    out_dim=32,
+    prompt_init_scale=0.1,
+    stage_first_blocks=frozenset({0, 2}),
+)
 
 
 def make_gen(route_block0=True, **kw):

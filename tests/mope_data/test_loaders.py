@@ -19,7 +19,6 @@ from datasets_prep.fewshot import build_fewshot
 from datasets_prep.writer import ShardSetWriter, write_dataset_info
 from mope_data import LoaderConfig, collate, equal_split_indices, make_eval_loader, make_train_loader
 
-
 N_TRAIN, SHARD = 82, 6  # 14 shards, the last one with 4 samples
 N_VAL = 23  # 4 shards of 6 + ... (6, 6, 6, 5)
 LABELS = ["no", "yes", "maybe"]
@@ -45,8 +44,15 @@ def _wav(n: int) -> bytes:
 def _write(root: Path, split: str, n: int, shard: int, *, task="single_label", audio=False) -> dict[str, str]:
     """Returns key -> shard file."""
     where = {}
-    with ShardSetWriter(root, split, dataset="toy", task=task, labels=LABELS, shard_size=shard,
-                        modalities=("image", "text", "audio") if audio else ("image", "text")) as w:
+    with ShardSetWriter(
+        root,
+        split,
+        dataset="toy",
+        task=task,
+        labels=LABELS,
+        shard_size=shard,
+        modalities=("image", "text", "audio") if audio else ("image", "text"),
+    ) as w:
         for i in range(n):
             key = f"{split}-{i:04d}"
             lab = i % 3 if task == "single_label" else sorted({i % 3, (i // 3) % 3})
@@ -69,8 +75,15 @@ def toy(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 
 def cfg(root: Path, **kw) -> LoaderConfig:
-    base = {"data_dir": root, "batch_size": 4, "num_workers": 0, "seed": 0, "dataset": "demo", "shuffle_buffer": 20,
-            "inner_batch": 3}
+    base = {
+        "data_dir": root,
+        "batch_size": 4,
+        "num_workers": 0,
+        "seed": 0,
+        "dataset": "demo",
+        "shuffle_buffer": 20,
+        "inner_batch": 3,
+    }
     base.update(kw)
     return LoaderConfig(**base)
 
@@ -199,7 +212,7 @@ def test_fewshot_min_batches_repeats_the_subset_within_an_epoch(toy):
     assert n == 6
     batches = keys_of(loader)
     assert len(batches) == 6 and all(len(b) == 4 for b in batches)
-    passes = [[k for b in batches[i:i + 2] for k in b] for i in range(0, 6, 2)]
+    passes = [[k for b in batches[i : i + 2] for k in b] for i in range(0, 6, 2)]
     assert all(set(p) == sub for p in passes)  # 3 passes of 2 batches, each over the whole subset
     assert len({tuple(p) for p in passes}) > 1  # not the same order every pass
     # the first pass is the epoch's plain order: asking for more steps only appends passes
@@ -239,9 +252,8 @@ def test_multilabel_and_audio(tmp_path):
 @pytest.fixture(scope="module")
 def mustard_shards(tmp_path_factory) -> Path:
     """converter output of a 12-entry replica: 48x32 clips of 6/7/9 frames -> frames=4 PNGs of 32x32 + 16 kHz wav."""
-    from tests.helpers.prep_helpers import make_mustard_replica
-
     from datasets_prep.mustard import convert
+    from tests.helpers.prep_helpers import make_mustard_replica
 
     root = tmp_path_factory.mktemp("mustard")
     src = make_mustard_replica(root / "raw", n=12, size=(48, 32))
@@ -277,8 +289,7 @@ def test_mustard_frames_and_audio_batches(mustard_shards):
     mean, std = torch.tensor(MMBT_MEAN), torch.tensor(MMBT_STD)
     with Image.open(io.BytesIO(stored[b["key"][0]]["f00.png"])) as im:
         grey = np.asarray(im.convert("RGB"))[0, 0] / 255.0
-    assert torch.allclose(b["frames"][0, 0, :, 0, 0] * std + mean, torch.tensor(grey, dtype=torch.float32),
-                          atol=0.02)
+    assert torch.allclose(b["frames"][0, 0, :, 0, 0] * std + mean, torch.tensor(grey, dtype=torch.float32), atol=0.02)
     # audio as before: the stored 16 kHz wav, zero-padded, with its mask
     assert b["audio"].dtype == torch.float32 and b["audio_mask"].shape == b["audio"].shape
     for i, key in enumerate(b["key"]):

@@ -55,13 +55,23 @@ def jpeg(seed: int = 0) -> bytes:
 
 
 def _snli_line(iid: str, cap: int, lab: str = "entailment", pair: str | None = None) -> bytes:
-    rec = {"Flickr30K_ID": iid, "gold_label": lab, "pairID": pair or f"{iid}.jpg#{cap}r1{lab[0]}",
-           "sentence1": f"premise {iid} {cap}", "sentence2": f"hypothesis {iid} {cap} {lab}"}
+    rec = {
+        "Flickr30K_ID": iid,
+        "gold_label": lab,
+        "pairID": pair or f"{iid}.jpg#{cap}r1{lab[0]}",
+        "sentence1": f"premise {iid} {cap}",
+        "sentence2": f"hypothesis {iid} {cap} {lab}",
+    }
     return json.dumps(rec).encode()
 
 
-def snli_raw(root: Path, *, train: list[bytes] | None = None, test: list[bytes] | None = None,
-             images: dict[str, bytes] | None = None) -> Path:
+def snli_raw(
+    root: Path,
+    *,
+    train: list[bytes] | None = None,
+    test: list[bytes] | None = None,
+    images: dict[str, bytes] | None = None,
+) -> Path:
     """A tiny SNLI-VE release: snli_ve_{train,test}.jsonl + Flickr30K/flickr30k_images/{id}.jpg."""
     src = root / "snli_raw"
     img = src / "Flickr30K" / "flickr30k_images"
@@ -76,8 +86,21 @@ def snli_raw(root: Path, *, train: list[bytes] | None = None, test: list[bytes] 
 
 
 def prep(src: Path, out: Path, *extra: str) -> tuple[int, str]:
-    return harness(["prep", "snli_ve", "--src", str(src), "--out", str(out), "--min-shards", "1",
-                    "--opt", "splits=train,test", *extra])
+    return harness(
+        [
+            "prep",
+            "snli_ve",
+            "--src",
+            str(src),
+            "--out",
+            str(out),
+            "--min-shards",
+            "1",
+            "--opt",
+            "splits=train,test",
+            *extra,
+        ]
+    )
 
 
 def good_shards(tmp: Path) -> Path:
@@ -219,15 +242,30 @@ def _food_titles_nonutf8(tmp: Path):
     (src / "images" / "train" / "apple_pie").mkdir(parents=True)
     (src / "images" / "train" / "apple_pie" / "apple_pie_1.jpg").write_bytes(jpeg(1))
     (src / "texts").mkdir()
-    (src / "texts" / "train_titles.csv").write_bytes(b"apple_pie_1.jpg,ok title,apple_pie\r\n"
-                                                     b"apple_pie_2.jpg,caf\xe9 title,apple_pie\r\n")
+    (src / "texts" / "train_titles.csv").write_bytes(
+        b"apple_pie_1.jpg,ok title,apple_pie\r\napple_pie_2.jpg,caf\xe9 title,apple_pie\r\n"
+    )
     return src, [f"{src / 'texts' / 'train_titles.csv'}:2", "not UTF-8"]
 
 
 def _food_prep(tmp: Path):
     src, names = _food_titles_nonutf8(tmp)
-    rc, text = harness(["prep", "food101", "--src", str(src), "--out", str(tmp / "out"), "--opt", "splits=train",
-                        "--opt", "val_size=0", "--opt", "text_source=titles"])
+    rc, text = harness(
+        [
+            "prep",
+            "food101",
+            "--src",
+            str(src),
+            "--out",
+            str(tmp / "out"),
+            "--opt",
+            "splits=train",
+            "--opt",
+            "val_size=0",
+            "--opt",
+            "text_source=titles",
+        ]
+    )
     return rc, text, names
 
 
@@ -272,8 +310,8 @@ def _dotdot_member(out: Path) -> list[str]:
 # -- adapters
 def _adapter_case(kind: str) -> Callable[[Path], tuple[int, str, list[str]]]:
     def run(tmp: Path):
-        from tests.helpers.tinymodels import build, tiny_cfg
         from mope import AdapterMismatchError, load_adapter, save_adapter
+        from tests.helpers.tinymodels import build, tiny_cfg
 
         model = build(tiny_cfg("mope"))
         d = tmp / "adapter"
@@ -313,92 +351,271 @@ class _Planted:
 
 CASES: list[Case] = [
     # -- sweep YAML
-    Case("spec-unknown-key", "sweep YAML", "top-level key `axis:` (typo of `axes`)",
-         lambda t: validate_spec(t, SPEC.replace("axes:", "axis:")), ("allowed",)),
-    Case("spec-wrong-type", "sweep YAML", "`seeds: two`",
-         lambda t: validate_spec(t, SPEC.replace("seeds: [0]", "seeds: two")), ("must be a non-empty list",)),
-    Case("spec-axis-string-value", "sweep YAML", "axis `mope.num_experts: [heavy]` (no arm expression)",
-         lambda t: validate_spec(t, SPEC.replace("[2, 4]", "[heavy]").replace(
-             '"=(mope.num_experts + 1) * mope.prompt_len + 1"', "19")), ("expected an integer",)),
-    Case("spec-axis-string-in-expression", "sweep YAML", "axis `[two]` read by an `=` arm expression",
-         lambda t: validate_spec(t, SPEC.replace("[2, 4]", "[two]")), ("check the type",)),
-    Case("spec-empty-axis", "sweep YAML", "`mope.num_experts: []`",
-         lambda t: validate_spec(t, SPEC.replace("[2, 4]", "[]")), ("must be a non-empty list",)),
-    Case("spec-impossible-constraint", "sweep YAML", "`constraints: [\"mope.num_experts > 100\"]`",
-         lambda t: validate_spec(t, SPEC + 'constraints: ["mope.num_experts > 100"]\n'), ("relax them",)),
-    Case("spec-unknown-method", "sweep YAML", "arm `{method: nosuch}`",
-         lambda t: validate_spec(t, SPEC.replace("{method: mope}", "{method: nosuch}")), ("use one of the options",)),
-    Case("spec-unknown-backbone", "sweep YAML", "override `vision: nosuch_vit`",
-         lambda t: validate_spec(t, SPEC.replace("  mope.prompt_len: 6\n", "  mope.prompt_len: 6\n  vision: nosuch_vit\n")),
-         ("use one of the options",)),
-    Case("spec-yaml-syntax", "sweep YAML", "unclosed `[` in an axis",
-         lambda t: validate_spec(t, SPEC.replace("[2, 4]", "[2, 4")), ("fix the syntax",)),
-    Case("spec-gpus-on-cpu-machine", "sweep YAML", "`resources: {gpus_per_worker: 8}` on a machine without GPUs",
-         lambda t: sweep_no_launch(t, SPEC.replace("cpus_per_worker: 1}", "cpus_per_worker: 1, gpus_per_worker: 8}")),
-         ("lower resources",)),
-    Case("spec-cpus-larger-than-machine", "sweep YAML", "`resources: {workers: 4, cpus_per_worker: 16}` (2 CPUs)",
-         lambda t: sweep_no_launch(t, SPEC.replace("{workers: 1, cpus_per_worker: 1}", "{workers: 4, cpus_per_worker: 16}"),
-                                   "--num-cpus", "2"), ("lower resources",)),
+    Case(
+        "spec-unknown-key",
+        "sweep YAML",
+        "top-level key `axis:` (typo of `axes`)",
+        lambda t: validate_spec(t, SPEC.replace("axes:", "axis:")),
+        ("allowed",),
+    ),
+    Case(
+        "spec-wrong-type",
+        "sweep YAML",
+        "`seeds: two`",
+        lambda t: validate_spec(t, SPEC.replace("seeds: [0]", "seeds: two")),
+        ("must be a non-empty list",),
+    ),
+    Case(
+        "spec-axis-string-value",
+        "sweep YAML",
+        "axis `mope.num_experts: [heavy]` (no arm expression)",
+        lambda t: validate_spec(
+            t, SPEC.replace("[2, 4]", "[heavy]").replace('"=(mope.num_experts + 1) * mope.prompt_len + 1"', "19")
+        ),
+        ("expected an integer",),
+    ),
+    Case(
+        "spec-axis-string-in-expression",
+        "sweep YAML",
+        "axis `[two]` read by an `=` arm expression",
+        lambda t: validate_spec(t, SPEC.replace("[2, 4]", "[two]")),
+        ("check the type",),
+    ),
+    Case(
+        "spec-empty-axis",
+        "sweep YAML",
+        "`mope.num_experts: []`",
+        lambda t: validate_spec(t, SPEC.replace("[2, 4]", "[]")),
+        ("must be a non-empty list",),
+    ),
+    Case(
+        "spec-impossible-constraint",
+        "sweep YAML",
+        '`constraints: ["mope.num_experts > 100"]`',
+        lambda t: validate_spec(t, SPEC + 'constraints: ["mope.num_experts > 100"]\n'),
+        ("relax them",),
+    ),
+    Case(
+        "spec-unknown-method",
+        "sweep YAML",
+        "arm `{method: nosuch}`",
+        lambda t: validate_spec(t, SPEC.replace("{method: mope}", "{method: nosuch}")),
+        ("use one of the options",),
+    ),
+    Case(
+        "spec-unknown-backbone",
+        "sweep YAML",
+        "override `vision: nosuch_vit`",
+        lambda t: validate_spec(
+            t, SPEC.replace("  mope.prompt_len: 6\n", "  mope.prompt_len: 6\n  vision: nosuch_vit\n")
+        ),
+        ("use one of the options",),
+    ),
+    Case(
+        "spec-yaml-syntax",
+        "sweep YAML",
+        "unclosed `[` in an axis",
+        lambda t: validate_spec(t, SPEC.replace("[2, 4]", "[2, 4")),
+        ("fix the syntax",),
+    ),
+    Case(
+        "spec-gpus-on-cpu-machine",
+        "sweep YAML",
+        "`resources: {gpus_per_worker: 8}` on a machine without GPUs",
+        lambda t: sweep_no_launch(t, SPEC.replace("cpus_per_worker: 1}", "cpus_per_worker: 1, gpus_per_worker: 8}")),
+        ("lower resources",),
+    ),
+    Case(
+        "spec-cpus-larger-than-machine",
+        "sweep YAML",
+        "`resources: {workers: 4, cpus_per_worker: 16}` (2 CPUs)",
+        lambda t: sweep_no_launch(
+            t, SPEC.replace("{workers: 1, cpus_per_worker: 1}", "{workers: 4, cpus_per_worker: 16}"), "--num-cpus", "2"
+        ),
+        ("lower resources",),
+    ),
     # -- Hydra overrides
-    Case("override-unknown-key", "Hydra override", "`mope.num_expertz=4`",
-         lambda t: _c(validate_overrides("mope.num_expertz=4"), "mope.num_expertz", "mope.num_experts"),
-         ("did you mean",)),
-    Case("override-wrong-type", "Hydra override", "`mope.num_experts=abc`",
-         lambda t: _c(validate_overrides("mope.num_experts=abc"), "mope.num_experts='abc'"), ("expected an integer",)),
-    Case("override-float-for-int", "Hydra override", "`mope.num_experts=2.5`",
-         lambda t: _c(validate_overrides("mope.num_experts=2.5"), "mope.num_experts=2.5"), ("expected an integer",)),
-    Case("override-negative-length", "Hydra override", "`mope.prompt_len=-3`",
-         lambda t: _c(validate_overrides("mope.prompt_len=-3"), "mope.prompt_len=-3"), ("must be >= 0",)),
-    Case("override-unknown-group-option", "Hydra override", "`method=nosuch`",
-         lambda t: _c(validate_overrides("method=nosuch"), "method=nosuch", "vanilla_prompt"),
-         ("use one of the options",)),
-    Case("override-bad-epochs", "Hydra override", "`trainer.epochs=0`",
-         lambda t: _c(validate_overrides("trainer.epochs=0"), "trainer.epochs=0"), ("must be an integer >= 1",)),
+    Case(
+        "override-unknown-key",
+        "Hydra override",
+        "`mope.num_expertz=4`",
+        lambda t: _c(validate_overrides("mope.num_expertz=4"), "mope.num_expertz", "mope.num_experts"),
+        ("did you mean",),
+    ),
+    Case(
+        "override-wrong-type",
+        "Hydra override",
+        "`mope.num_experts=abc`",
+        lambda t: _c(validate_overrides("mope.num_experts=abc"), "mope.num_experts='abc'"),
+        ("expected an integer",),
+    ),
+    Case(
+        "override-float-for-int",
+        "Hydra override",
+        "`mope.num_experts=2.5`",
+        lambda t: _c(validate_overrides("mope.num_experts=2.5"), "mope.num_experts=2.5"),
+        ("expected an integer",),
+    ),
+    Case(
+        "override-negative-length",
+        "Hydra override",
+        "`mope.prompt_len=-3`",
+        lambda t: _c(validate_overrides("mope.prompt_len=-3"), "mope.prompt_len=-3"),
+        ("must be >= 0",),
+    ),
+    Case(
+        "override-unknown-group-option",
+        "Hydra override",
+        "`method=nosuch`",
+        lambda t: _c(validate_overrides("method=nosuch"), "method=nosuch", "vanilla_prompt"),
+        ("use one of the options",),
+    ),
+    Case(
+        "override-bad-epochs",
+        "Hydra override",
+        "`trainer.epochs=0`",
+        lambda t: _c(validate_overrides("trainer.epochs=0"), "trainer.epochs=0"),
+        ("must be an integer >= 1",),
+    ),
     # -- raw dataset files
-    Case("raw-missing-file", "raw dataset", "SNLI-VE `--src` without `snli_ve_test.jsonl`",
-         _raw_case(_missing_file), ("--opt splits=",)),
-    Case("raw-non-utf8", "raw dataset", "a `.jsonl` line with a cp1252 byte", _raw_case(_nonutf8),
-         ("re-encode the file as UTF-8",)),
-    Case("raw-non-utf8-skip-bad", "raw dataset", "the same with `--skip-bad`", _raw_case(_nonutf8_skip, "--skip-bad"),
-         ("manifest",), rc=0),
+    Case(
+        "raw-missing-file",
+        "raw dataset",
+        "SNLI-VE `--src` without `snli_ve_test.jsonl`",
+        _raw_case(_missing_file),
+        ("--opt splits=",),
+    ),
+    Case(
+        "raw-non-utf8",
+        "raw dataset",
+        "a `.jsonl` line with a cp1252 byte",
+        _raw_case(_nonutf8),
+        ("re-encode the file as UTF-8",),
+    ),
+    Case(
+        "raw-non-utf8-skip-bad",
+        "raw dataset",
+        "the same with `--skip-bad`",
+        _raw_case(_nonutf8_skip, "--skip-bad"),
+        ("manifest",),
+        rc=0,
+    ),
     Case("raw-malformed-json-line", "raw dataset", "a truncated JSON line", _raw_case(_malformed), ("--skip-bad",)),
     Case("raw-label-not-in-list", "raw dataset", "`gold_label: maybe`", _raw_case(_bad_label), ("--skip-bad",)),
     Case("raw-duplicate-ids", "raw dataset", "the same `pairID` twice", _raw_case(_dup_ids), ("--skip-bad",)),
     Case("raw-corrupt-jpeg", "raw dataset", "an image that is not a JPEG", _raw_case(_corrupt_jpeg), ("--skip-bad",)),
-    Case("raw-corrupt-jpeg-skip-bad", "raw dataset", "the same with `--skip-bad`",
-         _raw_case(_corrupt_jpeg_skip, "--skip-bad"), ("--verify",), rc=0),
-    Case("raw-truncated-jpeg", "raw dataset", "a JPEG cut after 300 bytes", _raw_case(_truncated_jpeg), ("--skip-bad",)),
-    Case("raw-missing-image", "raw dataset", "an image file that is not there", _raw_case(_missing_image),
-         ("--skip-bad",)),
-    Case("raw-csv-non-utf8", "raw dataset", "Food-101 `train_titles.csv` with a cp1252 byte", _food_prep,
-         ("re-encode the file as UTF-8",)),
+    Case(
+        "raw-corrupt-jpeg-skip-bad",
+        "raw dataset",
+        "the same with `--skip-bad`",
+        _raw_case(_corrupt_jpeg_skip, "--skip-bad"),
+        ("--verify",),
+        rc=0,
+    ),
+    Case(
+        "raw-truncated-jpeg", "raw dataset", "a JPEG cut after 300 bytes", _raw_case(_truncated_jpeg), ("--skip-bad",)
+    ),
+    Case(
+        "raw-missing-image",
+        "raw dataset",
+        "an image file that is not there",
+        _raw_case(_missing_image),
+        ("--skip-bad",),
+    ),
+    Case(
+        "raw-csv-non-utf8",
+        "raw dataset",
+        "Food-101 `train_titles.csv` with a cp1252 byte",
+        _food_prep,
+        ("re-encode the file as UTF-8",),
+    ),
     # -- shards
-    Case("shard-truncated-tar", "shards", "`harness prep --verify` on a shard cut to 700 bytes",
-         lambda t: _verify(t, _truncate_tar), ("re-run the conversion",)),
-    Case("shard-missing-manifest", "shards", "`--verify` on splits whose manifest.json was deleted",
-         lambda t: _verify(t, _drop_manifest), ("convert into it first",)),
-    Case("shard-count-mismatch", "shards", "manifest.json count 5 higher than the shard holds",
-         lambda t: _verify(t, _count_mismatch), ("re-run the conversion",)),
-    Case("shard-dotdot-member", "shards", "a shard member named `../evil.json`",
-         lambda t: _verify(t, _dotdot_member), ("re-run the conversion",)),
+    Case(
+        "shard-truncated-tar",
+        "shards",
+        "`harness prep --verify` on a shard cut to 700 bytes",
+        lambda t: _verify(t, _truncate_tar),
+        ("re-run the conversion",),
+    ),
+    Case(
+        "shard-missing-manifest",
+        "shards",
+        "`--verify` on splits whose manifest.json was deleted",
+        lambda t: _verify(t, _drop_manifest),
+        ("convert into it first",),
+    ),
+    Case(
+        "shard-count-mismatch",
+        "shards",
+        "manifest.json count 5 higher than the shard holds",
+        lambda t: _verify(t, _count_mismatch),
+        ("re-run the conversion",),
+    ),
+    Case(
+        "shard-dotdot-member",
+        "shards",
+        "a shard member named `../evil.json`",
+        lambda t: _verify(t, _dotdot_member),
+        ("re-run the conversion",),
+    ),
     # -- adapters / checkpoints (library calls: the error type is the answer)
-    Case("adapter-other-config", "adapter", "`load_adapter` into a model with k=2 (saved with k=4)",
-         _adapter_case("config"), ("read_adapter_config",)),
-    Case("adapter-truncated", "adapter", "`load_adapter` on a half-written adapter.safetensors",
-         _adapter_case("truncated"), ("save_adapter",)),
-    Case("adapter-pickle", "adapter", "a pickle (with a code-running `__reduce__`) renamed adapter.safetensors",
-         _adapter_case("pickle"), ("never unpickled",)),
+    Case(
+        "adapter-other-config",
+        "adapter",
+        "`load_adapter` into a model with k=2 (saved with k=4)",
+        _adapter_case("config"),
+        ("read_adapter_config",),
+    ),
+    Case(
+        "adapter-truncated",
+        "adapter",
+        "`load_adapter` on a half-written adapter.safetensors",
+        _adapter_case("truncated"),
+        ("save_adapter",),
+    ),
+    Case(
+        "adapter-pickle",
+        "adapter",
+        "a pickle (with a code-running `__reduce__`) renamed adapter.safetensors",
+        _adapter_case("pickle"),
+        ("never unpickled",),
+    ),
     # -- CLI arguments
-    Case("cli-unknown-subcommand", "CLI", "`harness swep`", lambda t: _c(harness(["swep"]), "'swep'"),
-         ("did you mean `harness sweep`",)),
-    Case("cli-missing-out", "CLI", "`harness prep snli_ve --src DIR` (no --out)",
-         lambda t: _c(harness(["prep", "snli_ve", "--src", str(t)]), "--out"), ("is required",)),
-    Case("cli-sweep-missing-spec", "CLI", "`harness sweep --dry-run` (no SPEC)",
-         lambda t: _c(harness(["sweep", "--dry-run"]), "SPEC"), ("sweeps/expert_vs_length.yaml",)),
-    Case("cli-inspect-no-preset", "CLI", "`harness inspect` (no --preset)",
-         lambda t: _c(harness(["inspect"]), "paper/mope_swin_b_k4", "no preset given"), ("--preset NAME",)),
-    Case("cli-unknown-option", "CLI", "`harness prep --frobnicate`",
-         lambda t: _c(harness(["prep", "--frobnicate"]), "--frobnicate"), ("usage:",)),
+    Case(
+        "cli-unknown-subcommand",
+        "CLI",
+        "`harness swep`",
+        lambda t: _c(harness(["swep"]), "'swep'"),
+        ("did you mean `harness sweep`",),
+    ),
+    Case(
+        "cli-missing-out",
+        "CLI",
+        "`harness prep snli_ve --src DIR` (no --out)",
+        lambda t: _c(harness(["prep", "snli_ve", "--src", str(t)]), "--out"),
+        ("is required",),
+    ),
+    Case(
+        "cli-sweep-missing-spec",
+        "CLI",
+        "`harness sweep --dry-run` (no SPEC)",
+        lambda t: _c(harness(["sweep", "--dry-run"]), "SPEC"),
+        ("sweeps/expert_vs_length.yaml",),
+    ),
+    Case(
+        "cli-inspect-no-preset",
+        "CLI",
+        "`harness inspect` (no --preset)",
+        lambda t: _c(harness(["inspect"]), "paper/mope_swin_b_k4", "no preset given"),
+        ("--preset NAME",),
+    ),
+    Case(
+        "cli-unknown-option",
+        "CLI",
+        "`harness prep --frobnicate`",
+        lambda t: _c(harness(["prep", "--frobnicate"]), "--frobnicate"),
+        ("usage:",),
+    ),
 ]
 
 
@@ -456,8 +673,22 @@ def test_non_utf8_text_and_split_leak_are_counted_and_printed(tmp_path):
             txt = b"caf\xe9 au lait" if n == "apple_pie_1" else b"plain text"
             (src / "texts_txt" / "apple_pie" / f"{n}.txt").write_bytes(txt)
     out = tmp_path / "out"
-    rc, text = harness(["prep", "food101", "--src", str(src), "--out", str(out), "--opt", "val_size=0",
-                        "--opt", "text_source=texts_txt", "--min-shards", "1"])
+    rc, text = harness(
+        [
+            "prep",
+            "food101",
+            "--src",
+            str(src),
+            "--out",
+            str(out),
+            "--opt",
+            "val_size=0",
+            "--opt",
+            "text_source=texts_txt",
+            "--min-shards",
+            "1",
+        ]
+    )
     assert rc == 0, text
     assert "1 x text not UTF-8, decoded as cp1252" in text and "split leak" in text and "apple_pie_2" in text
     train = json.loads((out / "train" / "manifest.json").read_text())
@@ -467,8 +698,25 @@ def test_non_utf8_text_and_split_leak_are_counted_and_printed(tmp_path):
     assert "apple_pie_apple_pie_2" in test["warnings"]["examples"][0]
     # a second conversion into the same folder gives the same manifests (the leak registry is per conversion)
     before = {p: p.read_bytes() for p in out.glob("*/manifest.json")}
-    assert harness(["prep", "food101", "--src", str(src), "--out", str(out), "--opt", "val_size=0",
-                    "--opt", "text_source=texts_txt", "--min-shards", "1"])[0] == 0
+    assert (
+        harness(
+            [
+                "prep",
+                "food101",
+                "--src",
+                str(src),
+                "--out",
+                str(out),
+                "--opt",
+                "val_size=0",
+                "--opt",
+                "text_source=texts_txt",
+                "--min-shards",
+                "1",
+            ]
+        )[0]
+        == 0
+    )
     assert {p: p.read_bytes() for p in out.glob("*/manifest.json")} == before
 
 

@@ -59,8 +59,10 @@ class _Outage:
             from mlflow.exceptions import MlflowException
 
             self.failed_calls += 1
-            raise MlflowException("API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/log-batch failed with "
-                                  "exception HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded")
+            raise MlflowException(
+                "API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/log-batch failed with "
+                "exception HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded"
+            )
         return self.client.log_batch(*a, **kw)
 
     def set_terminated(self, *a, **kw):
@@ -71,8 +73,9 @@ class _Outage:
 
 
 # -- the store unavailable ----------------------------------------------------------------------------------------------
-def test_sqlite_store_locked_for_a_while_the_run_keeps_training_and_ends_complete(small_demo, tmp_path, offline,
-                                                                                caplog):
+def test_sqlite_store_locked_for_a_while_the_run_keeps_training_and_ends_complete(
+    small_demo, tmp_path, offline, caplog
+):
     """Another process holds the SQLite store's exclusive lock for 25 s in the middle of training (MLflow gives up
     on a locked database after its 20 s busy timeout): training goes on, the buffered metrics are logged when the
     lock is released, and the run ends FINISHED with every step's metrics."""
@@ -157,8 +160,9 @@ def test_a_non_transient_store_error_is_not_swallowed(tmp_path, offline):
     tracker = MLflowTracker.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", "run", "t/2")
     assert not is_transient_store_error(MlflowException("bad metric", error_code=INVALID_PARAMETER_VALUE))
     assert not is_transient_store_error(MlflowException("a bug"))  # INTERNAL_ERROR alone: not retried
-    assert is_transient_store_error(MlflowException("(sqlite3.OperationalError) database is locked",
-                                                    error_code=TEMPORARILY_UNAVAILABLE))
+    assert is_transient_store_error(
+        MlflowException("(sqlite3.OperationalError) database is locked", error_code=TEMPORARILY_UNAVAILABLE)
+    )
     assert is_transient_store_error(MlflowException("API request to /x failed with error code 503 != 200"))
     assert is_transient_store_error(ConnectionRefusedError())
 
@@ -200,8 +204,9 @@ def test_crash_while_metrics_are_buffered_loses_nothing_on_resume(small_demo, tm
 
 # -- checkpoints on a full or unwritable disk ---------------------------------------------------------------------------
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES], ids=["disk_full", "unwritable"])
-def test_checkpoint_write_failure_is_named_and_the_previous_checkpoint_loads(small_demo, tmp_path, offline,
-                                                                           monkeypatch, err):
+def test_checkpoint_write_failure_is_named_and_the_previous_checkpoint_loads(
+    small_demo, tmp_path, offline, monkeypatch, err
+):
     from harness import checkpoint as ck
     from harness.recipe import train
     from harness.train_cmd import main as train_main
@@ -216,10 +221,23 @@ def test_checkpoint_write_failure_is_named_and_the_previous_checkpoint_loads(sma
         raise OSError(err, os.strerror(err))
 
     monkeypatch.setattr(ck.torch, "save", failing_save)
-    argv = ["experiment=demo_mope", f"data.shard_dir={small_demo}", f"vision.weights={small_demo}/vision_encoder",
-            f"paths.run_root={tmp_path}", "data.auto_prepare=false", "deepspeed=off", "trainer.num_workers=0",
-            "trainer.batch_size=32", "trainer.log_every_steps=4", "trainer.routing_stats_every_steps=4",
-            "trainer.threads=1", "trainer.lr_vision=1e-2", "trainer.lr_text=1e-2", "trainer.epochs=2", "resume=true"]
+    argv = [
+        "experiment=demo_mope",
+        f"data.shard_dir={small_demo}",
+        f"vision.weights={small_demo}/vision_encoder",
+        f"paths.run_root={tmp_path}",
+        "data.auto_prepare=false",
+        "deepspeed=off",
+        "trainer.num_workers=0",
+        "trainer.batch_size=32",
+        "trainer.log_every_steps=4",
+        "trainer.routing_stats_every_steps=4",
+        "trainer.threads=1",
+        "trainer.lr_vision=1e-2",
+        "trainer.lr_text=1e-2",
+        "trainer.epochs=2",
+        "resume=true",
+    ]
     import io
     from contextlib import redirect_stderr
 
@@ -245,7 +263,9 @@ def test_fault_spec_is_validated(monkeypatch):
     from harness import faults
 
     assert faults.parse("kill@4:match=mope:once=/tmp/x; nan@2") == [
-        faults.Fault("kill", 4, "mope", "/tmp/x"), faults.Fault("nan", 2, "", None)]
+        faults.Fault("kill", 4, "mope", "/tmp/x"),
+        faults.Fault("nan", 2, "", None),
+    ]
     with pytest.raises(ValueError, match="HARNESS_FAULT_INJECT.*'explode@3'"):
         faults.parse("explode@3")
     monkeypatch.setenv("HARNESS_FAULT_INJECT", "nan@2:match=vanilla")
@@ -254,11 +274,19 @@ def test_fault_spec_is_validated(monkeypatch):
 
 # -- a trial's worker SIGKILLed mid-epoch, a NaN in the other trial (Ray) --------------------------------------------------
 def _sweep(spec: Path, cwd: Path, data_root: Path, run_root: Path, **env_extra: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI",
-                                                            "HARNESS_FAULT_INJECT")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "HARNESS_FAULT_INJECT")
+    }
     env.update(MOPE_DATA_ROOT=str(data_root), MOPE_RUN_ROOT=str(run_root), HF_HUB_OFFLINE="1", **env_extra)
-    return subprocess.run([sys.executable, "-m", "harness.cli", "sweep", str(spec), "--progress-every", "5",
-                           "--no-report"], cwd=cwd, env=env, capture_output=True, text=True, timeout=800, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", "sweep", str(spec), "--progress-every", "5", "--no-report"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=800,
+        check=False,
+    )
 
 
 def _trial_runs(run_root: Path):
@@ -283,8 +311,13 @@ def test_worker_sigkilled_mid_epoch_resumes_and_matches_an_uninterrupted_run(tmp
     data_root = tmp_path / "data"
     build_small_demo(data_root / "demo")
     marker = tmp_path / "killed-once"
-    faulty = _sweep(SMOKE, tmp_path, data_root, tmp_path / "runs",
-                    HARNESS_FAULT_INJECT=f"kill@5:match=mope:once={marker};nan@2:match=vanilla")
+    faulty = _sweep(
+        SMOKE,
+        tmp_path,
+        data_root,
+        tmp_path / "runs",
+        HARNESS_FAULT_INJECT=f"kill@5:match=mope:once={marker};nan@2:match=vanilla",
+    )
     out = faulty.stdout + faulty.stderr
     assert marker.is_file(), out[-4000:]  # the kill happened
     assert faulty.returncode == 1, out[-4000:]  # one trial FAILED (the NaN)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from test_bad_inputs import ROOT, good_shards, harness
 
-PROJECT_CODE = [p for d in ("harness", "mope", "mope_data", "datasets_prep", "reports", "bench") for p in (ROOT / d).rglob("*.py")]
+PROJECT_CODE = [
+    p for d in ("harness", "mope", "mope_data", "datasets_prep", "reports", "bench") for p in (ROOT / d).rglob("*.py")
+]
 
 
 def test_sweep_yaml_python_tag_is_refused_without_running(tmp_path):
@@ -28,11 +30,16 @@ def test_sweep_yaml_python_tag_is_refused_without_running(tmp_path):
 
 
 def test_project_code_never_loads_yaml_or_pickles_unsafely():
-    bad = re.compile(r"yaml\.load\(|yaml\.unsafe_load|yaml\.(Full|Unsafe)?Loader\b|pickle\.loads?\(|"
-                     r"torch\.load\((?![^)]*weights_only=True)")
-    hits = [f"{p.relative_to(ROOT)}:{i}: {ln.strip()}" for p in PROJECT_CODE
-            for i, ln in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
-            if bad.search(ln) and not ln.lstrip().startswith(("#", '"', "'")) and "``" not in ln]
+    bad = re.compile(
+        r"yaml\.load\(|yaml\.unsafe_load|yaml\.(Full|Unsafe)?Loader\b|pickle\.loads?\(|"
+        r"torch\.load\((?![^)]*weights_only=True)"
+    )
+    hits = [
+        f"{p.relative_to(ROOT)}:{i}: {ln.strip()}"
+        for p in PROJECT_CODE
+        for i, ln in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if bad.search(ln) and not ln.lstrip().startswith(("#", '"', "'")) and "``" not in ln
+    ]
     assert not hits, "unsafe loaders:\n" + "\n".join(hits)
 
 
@@ -87,9 +94,12 @@ def test_shard_member_paths_cannot_write_outside_the_output_directory(tmp_path):
 
 def test_no_shard_reader_extracts_to_disk():
     """Shards are only ever read into memory (tarfile.extractfile / webdataset), never extracted to a path."""
-    hits = [f"{p.relative_to(ROOT)}:{i}" for p in PROJECT_CODE
-            for i, ln in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
-            if re.search(r"\.extractall\(|\.extract\(", ln)]
+    hits = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in PROJECT_CODE
+        for i, ln in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if re.search(r"\.extractall\(|\.extract\(", ln)
+    ]
     assert not hits, hits
 
 

@@ -8,9 +8,9 @@ import statistics
 from pathlib import Path
 
 import pytest
-from tests.helpers.store_helpers import make_store, noise
 
 from harness.cli import main as cli_main
+from tests.helpers.store_helpers import make_store, noise
 
 
 def _acc_scaling(v):
@@ -47,8 +47,9 @@ def test_results_csv_has_one_row_per_trial_with_the_logged_values(evl):
         r = by_key[t["trial_key"]]
         k, seed = t["cfg"]["mope"]["num_experts"], t["seed"]
         assert r["arm"] == t["arm"] and int(r["seed"]) == seed and r["status"] == "FINISHED"
-        assert float(r["final/test_acc"]) == pytest.approx(_acc_scaling(
-            {"method": t["cfg"]["method"]["name"], "k": k, "seed": seed}))
+        assert float(r["final/test_acc"]) == pytest.approx(
+            _acc_scaling({"method": t["cfg"]["method"]["name"], "k": k, "seed": seed})
+        )
         assert float(r["final/test_acc_last"]) == pytest.approx(float(r["final/test_acc"]) - 0.002)
         assert float(r["cost/trainable_params"]) == 1000.0 * k
         assert r["wall_s"] != ""
@@ -115,11 +116,18 @@ def test_claim_verdicts_flip_when_the_data_contradicts_them(tmp_path):
             return 0.60 - 0.02 * math.log2(v["k"]) + noise(v["seed"])
         return 0.60 + 0.02 * math.log2(v["k"]) + noise(v["seed"] + 1)
 
-    uri, _, _, = make_store(tmp_path, "expert_vs_length", contra)[:3]
+    (
+        uri,
+        _,
+        _,
+    ) = make_store(tmp_path, "expert_vs_length", contra)[:3]
     assert _report(uri, tmp_path / "r", "--sweep", "expert_vs_length", "--no-log") == 0
     claims = {c["key"]: c["verdict"] for c in json.loads((tmp_path / "r" / "claims.json").read_text())}
-    assert claims == {"expert_scaling": "not supported", "length_scaling": "not supported",
-                      "matched_count": "not supported"}
+    assert claims == {
+        "expert_scaling": "not supported",
+        "length_scaling": "not supported",
+        "matched_count": "not supported",
+    }
 
 
 def test_noisy_three_seeds_are_inconclusive(tmp_path):
@@ -162,8 +170,7 @@ def test_data_scaling_report(ds):
         assert (out / f"fig5_data_scaling.{ext}").stat().st_size > 5000
     claims = {c["key"]: c for c in json.loads((out / "claims.json").read_text())}
     assert claims["data_scaling"]["verdict"] == "supported"
-    assert [r["comparison"] for r in claims["data_scaling"]["rows"]] == ["shots = 128", "shots = 512",
-                                                                         "shots = 2048"]
+    assert [r["comparison"] for r in claims["data_scaling"]["rows"]] == ["shots = 128", "shots = 512", "shots = 2048"]
     assert "Fig. 4" in (out / "report.md").read_text().split("Not drawn:")[1]  # Fig. 4 skipped, reason given
 
 

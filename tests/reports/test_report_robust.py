@@ -7,9 +7,9 @@ import csv
 import math
 
 import pytest
-from tests.helpers.store_helpers import make_store, noise
 
 from harness.cli import main as cli_main
+from tests.helpers.store_helpers import make_store, noise
 
 
 def _acc(v):
@@ -36,9 +36,15 @@ def messy(tmp_path_factory):
             return {"perf/train_samples_per_s", "val/pred_class_frac_max"}
         return set()
 
-    uri, spec, trials = make_store(tmp, "expert_vs_length", _acc, status=status, omit_metrics=omit,
-                                   skip=lambda v: v["label"].startswith("vanilla") and v["k"] == 8 and v["seed"] == 2,
-                                   finish_parent=False)
+    uri, spec, trials = make_store(
+        tmp,
+        "expert_vs_length",
+        _acc,
+        status=status,
+        omit_metrics=omit,
+        skip=lambda v: v["label"].startswith("vanilla") and v["k"] == 8 and v["seed"] == 2,
+        finish_parent=False,
+    )
     out = tmp / "r"
     rc = cli_main(["report", "--tracking-uri", uri, "--out", str(out), "--sweep", "expert_vs_length"])
     return rc, out, trials
@@ -68,8 +74,10 @@ def test_missing_section_names_trials_metrics_and_causes(messy):
     assert "seed 1: still RUNNING" in missing
     assert "seed 2: no MLflow child run" in missing
     assert "final/test_acc (the report's metric) absent from 1 FINISHED run(s): mope-num_experts2-s2" in missing
-    assert "perf/train_samples_per_s (Fig. 4 step-time panel) absent from 1 FINISHED run(s): mope-num_experts4-s0" \
+    assert (
+        "perf/train_samples_per_s (Fig. 4 step-time panel) absent from 1 FINISHED run(s): mope-num_experts4-s0"
         in missing
+    )
     # the means use only runs that have the metric, and say n
     assert "0.609 ± 0.001 (n=2)" in md.split("## Tables")[1]  # MoPE k=2: seeds 0 and 1 (0.608, 0.610)
 
@@ -88,8 +96,20 @@ def test_unknown_sweep_exits_2_naming_the_existing_ones(messy, capsys):
 
 def test_no_store_and_empty_store_exit_2_without_creating_one(tmp_path, capsys):
     db = tmp_path / "none" / "mlflow.db"
-    assert cli_main(["report", "--tracking-uri", f"sqlite:///{db}", "--out", str(tmp_path / "o"),
-                     "--sweep", "expert_vs_length"]) == 2
+    assert (
+        cli_main(
+            [
+                "report",
+                "--tracking-uri",
+                f"sqlite:///{db}",
+                "--out",
+                str(tmp_path / "o"),
+                "--sweep",
+                "expert_vs_length",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"no MLflow store at {db}" in err and "harness sweep" in err
     assert not db.exists()  # reading never creates an empty store
@@ -97,8 +117,20 @@ def test_no_store_and_empty_store_exit_2_without_creating_one(tmp_path, capsys):
 
     empty = tmp_path / "empty.db"
     MlflowClient(tracking_uri=f"sqlite:///{empty}").search_experiments()  # creates the schema, no runs
-    assert cli_main(["report", "--tracking-uri", f"sqlite:///{empty}", "--out", str(tmp_path / "o"),
-                     "--sweep", "expert_vs_length"]) == 2
+    assert (
+        cli_main(
+            [
+                "report",
+                "--tracking-uri",
+                f"sqlite:///{empty}",
+                "--out",
+                str(tmp_path / "o"),
+                "--sweep",
+                "expert_vs_length",
+            ]
+        )
+        == 2
+    )
     assert "holds no sweep" in capsys.readouterr().err
 
 

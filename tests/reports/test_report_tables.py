@@ -18,19 +18,37 @@ from reports.stats import diff
 
 
 def _run(i, seed, status="FINISHED", **cfg):
-    base = {"trial_key": f"t/{i}/{seed}", "point_id": str(i), "label": f"p{i}", "arm": cfg.pop("arm", ""),
-            "seed": seed, "run_id": f"r{i}_{seed}", "status": status, "error": None, "wall_s": 30.0,
-            "method.name": "mope", "data.name": "demo", "data.task": "single_label", "mope.num_experts": 16,
-            "mope.prompt_len": 6, "trainer.batch_size": 64, "perf/train_samples_per_s": 400.0,
-            "cost/trainable_params": 2e5, "val/pred_class_frac_max": 0.55}
+    base = {
+        "trial_key": f"t/{i}/{seed}",
+        "point_id": str(i),
+        "label": f"p{i}",
+        "arm": cfg.pop("arm", ""),
+        "seed": seed,
+        "run_id": f"r{i}_{seed}",
+        "status": status,
+        "error": None,
+        "wall_s": 30.0,
+        "method.name": "mope",
+        "data.name": "demo",
+        "data.task": "single_label",
+        "mope.num_experts": 16,
+        "mope.prompt_len": 6,
+        "trainer.batch_size": 64,
+        "perf/train_samples_per_s": 400.0,
+        "cost/trainable_params": 2e5,
+        "val/pred_class_frac_max": 0.55,
+    }
     base.update(cfg)
     return base
 
 
 def _data(rows, axes, history=None, name="synthetic"):
     h = pd.DataFrame(history or [], columns=["run_id", "key", "step", "value"])
-    return SweepData({"sweep_id": f"{name}-00000000", "spec_name": name, "axes": axes, "status": "FINISHED",
-                      "seeds": [0, 1, 2]}, pd.DataFrame(rows), h)
+    return SweepData(
+        {"sweep_id": f"{name}-00000000", "spec_name": name, "axes": axes, "status": "FINISHED", "seeds": [0, 1, 2]},
+        pd.DataFrame(rows),
+        h,
+    )
 
 
 def _verdicts(claims):
@@ -63,21 +81,34 @@ def _routing_rows(dense=0.62, top1=0.58, learned_shift=0.0):
     for routing in ("dense", "top1_scaled", "top1_hard"):
         for keys in ("frozen_orthogonal", "learned"):
             for seed in range(3):
-                acc = (dense if routing == "dense" else top1) + (learned_shift if keys == "learned" else 0) \
+                acc = (
+                    (dense if routing == "dense" else top1)
+                    + (learned_shift if keys == "learned" else 0)
                     + (-0.002, 0.0, 0.002)[seed]
+                )
                 r = _run(i, seed, **{"mope.routing": routing, "mope.routing_keys": keys, "final/test_acc": acc})
                 rows.append(r)
                 for step in range(10, 160, 10):
-                    hist.append({"run_id": r["run_id"], "key": "routing/entropy", "step": step,
-                                 "value": 4.0 - step / (50 if routing == "dense" else 500)})
+                    hist.append(
+                        {
+                            "run_id": r["run_id"],
+                            "key": "routing/entropy",
+                            "step": step,
+                            "value": 4.0 - step / (50 if routing == "dense" else 500),
+                        }
+                    )
             i += 1
     return rows, hist
 
 
 def test_routing_claims_tables_and_fig6(tmp_path):
     rows, hist = _routing_rows()
-    data = _data(rows, {"mope.routing": ["dense", "top1_scaled", "top1_hard"],
-                        "mope.routing_keys": ["frozen_orthogonal", "learned"]}, hist, "routing")
+    data = _data(
+        rows,
+        {"mope.routing": ["dense", "top1_scaled", "top1_hard"], "mope.routing_keys": ["frozen_orthogonal", "learned"]},
+        hist,
+        "routing",
+    )
     rep = build_report(data, tmp_path)
     v = rep.verdicts
     assert v["dense_vs_top1"] == "supported" and v["frozen_vs_learned"] == "supported"
@@ -92,8 +123,11 @@ def test_routing_claims_tables_and_fig6(tmp_path):
 
 def test_routing_claims_flip(tmp_path):
     rows, hist = _routing_rows(dense=0.56, top1=0.60, learned_shift=0.05)
-    data = _data(rows, {"mope.routing": ["dense", "top1_scaled", "top1_hard"],
-                        "mope.routing_keys": ["frozen_orthogonal", "learned"]}, hist)
+    data = _data(
+        rows,
+        {"mope.routing": ["dense", "top1_scaled", "top1_hard"], "mope.routing_keys": ["frozen_orthogonal", "learned"]},
+        hist,
+    )
     v = _verdicts(evaluate_claims(data, "final/test_acc"))
     assert v["dense_vs_top1"] == "not supported" and v["frozen_vs_learned"] == "not supported"
 
@@ -111,8 +145,14 @@ def _importance_data(balanced_with: bool):
                 if skewed:
                     imp = np.r_[0.7 + 0.01 * seed, np.full(15, (0.3 - 0.01 * seed) / 15)]
                 for j, val in enumerate(imp):
-                    hist.append({"run_id": r["run_id"], "key": f"routing/importance_last/e{j}", "step": step,
-                                 "value": float(val) + 1e-4 * ((j + step) % 3)})
+                    hist.append(
+                        {
+                            "run_id": r["run_id"],
+                            "key": f"routing/importance_last/e{j}",
+                            "step": step,
+                            "value": float(val) + 1e-4 * ((j + step) % 3),
+                        }
+                    )
                 hist.append({"run_id": r["run_id"], "key": "routing/entropy", "step": step, "value": 3.0})
     return _data(rows, {"mope.imp_loss_weight": [0.01, 0.0]}, hist, "importance_loss")
 
@@ -127,8 +167,15 @@ def test_importance_claim_and_fig7(tmp_path):
 
 
 # -- prompt ablation (Table 2) ----------------------------------------------------------------------------------------
-SETS = {"s": (1, 0, 0), "d": (0, 1, 0), "m": (0, 0, 1), "s_d": (1, 1, 0), "s_m": (1, 0, 1), "d_m": (0, 1, 1),
-        "s_d_m": (1, 1, 1)}
+SETS = {
+    "s": (1, 0, 0),
+    "d": (0, 1, 0),
+    "m": (0, 0, 1),
+    "s_d": (1, 1, 0),
+    "s_m": (1, 0, 1),
+    "d_m": (0, 1, 1),
+    "s_d_m": (1, 1, 1),
+}
 
 
 def _ablation(full_best=True):
@@ -136,9 +183,19 @@ def _ablation(full_best=True):
     for i, (arm, (s, d, m)) in enumerate(SETS.items()):
         acc = 0.50 + 0.03 * (s + d + m) if full_best else (0.66 if arm == "d_m" else 0.55)
         for seed in range(3):
-            rows.append(_run(i, seed, arm=arm, **{"mope.use_static": bool(s), "mope.use_dynamic": bool(d),
-                                                  "mope.use_mapped": bool(m),
-                                                  "final/test_acc": acc + (-0.002, 0.0, 0.002)[seed]}))
+            rows.append(
+                _run(
+                    i,
+                    seed,
+                    arm=arm,
+                    **{
+                        "mope.use_static": bool(s),
+                        "mope.use_dynamic": bool(d),
+                        "mope.use_mapped": bool(m),
+                        "final/test_acc": acc + (-0.002, 0.0, 0.002)[seed],
+                    },
+                )
+            )
     return _data(rows, {}, name="prompt_ablation")
 
 
@@ -146,11 +203,19 @@ def test_prompt_ablation_table2_and_claim(tmp_path):
     rep = build_report(_ablation(), tmp_path)
     assert rep.verdicts == {"prompt_ablation": "supported"}
     t2 = next(t for t in rep.tables if t.key == "table2")
-    assert [r[0] for r in t2.rows] == ["[P_s]", "[P_d]", "[P_m]", "[P_s, P_d]", "[P_s, P_m]", "[P_d, P_m]",
-                                       "[P_s, P_d, P_m]"]  # the paper's row order
+    assert [r[0] for r in t2.rows] == [
+        "[P_s]",
+        "[P_d]",
+        "[P_m]",
+        "[P_s, P_d]",
+        "[P_s, P_m]",
+        "[P_d, P_m]",
+        "[P_s, P_d, P_m]",
+    ]  # the paper's row order
     assert t2.rows[-1][1].startswith("0.590 ± 0.002") and t2.rows[-1][2] == "73.59±.15"
     assert _verdicts(evaluate_claims(_ablation(full_best=False), "final/test_acc")) == {
-        "prompt_ablation": "not supported"}
+        "prompt_ablation": "not supported"
+    }
     # rows without P_d have no router: their missing routing history is not reported; a routed row's is
     from reports.build import missing_items
 
@@ -159,8 +224,10 @@ def test_prompt_ablation_table2_and_claim(tmp_path):
     data.history = pd.DataFrame([{"run_id": r, "key": "routing/entropy", "step": 10, "value": 1.0} for r in routed])
     assert not [m for m in missing_items(data, "final/test_acc")[0] if "routing/entropy" in m]
     data.history = data.history.iloc[3:]
-    assert any("routing/entropy history absent from 3 FINISHED MoPE run(s)" in m
-               for m in missing_items(data, "final/test_acc")[0])
+    assert any(
+        "routing/entropy history absent from 3 FINISHED MoPE run(s)" in m
+        for m in missing_items(data, "final/test_acc")[0]
+    )
 
 
 # -- baselines (Table 1) and the collapse flag ------------------------------------------------------------------------
@@ -170,8 +237,19 @@ def test_table1_rows_and_collapsed_runs_are_flagged(tmp_path):
     for i, (meth, acc) in enumerate(methods.items()):
         for seed in range(3):
             frac = 1.0 if meth == "sequential_fuse" else 0.52
-            rows.append(_run(i, seed, arm=meth, **{"method.name": meth, "mope.num_experts": 4,
-                                                   "final/test_acc": acc, "val/pred_class_frac_max": frac}))
+            rows.append(
+                _run(
+                    i,
+                    seed,
+                    arm=meth,
+                    **{
+                        "method.name": meth,
+                        "mope.num_experts": 4,
+                        "final/test_acc": acc,
+                        "val/pred_class_frac_max": frac,
+                    },
+                )
+            )
     data = _data(rows, {}, name="baselines")
     rep = build_report(data, tmp_path)
     t1 = next(t for t in rep.tables if t.key == "table1")
@@ -208,8 +286,11 @@ def test_claims_json_matches_the_report(tmp_path):
 def test_table1_skips_a_run_killed_before_its_params_were_logged(tmp_path):
     """Seen on an interrupted data_scaling sweep: a child run KILLED right after creation has no params (method.name
     missing); Table 1 is built from the others instead of failing with a TypeError."""
-    rows = [_run(i, seed, arm=meth, **{"method.name": meth, "mope.num_experts": 4, "final/test_acc": 0.6})
-            for i, meth in enumerate(("mope", "vanilla_prompt", "sequential_fuse")) for seed in range(2)]
+    rows = [
+        _run(i, seed, arm=meth, **{"method.name": meth, "mope.num_experts": 4, "final/test_acc": 0.6})
+        for i, meth in enumerate(("mope", "vanilla_prompt", "sequential_fuse"))
+        for seed in range(2)
+    ]
     rows.append(_run(9, 2, status="KILLED", arm="vanilla", **{"method.name": None}))
     rep = build_report(_data(rows, {}, name="data_scaling"), tmp_path)
     t1 = next(t for t in rep.tables if t.key == "table1")
@@ -222,8 +303,13 @@ def test_encoder_label_ignores_a_run_without_params():
     from reports.data import backbones_label, datasets_label
 
     known = {"vision.name": "auto", "vision.weights": "/x/data/demo/vision_encoder", "text.name": "/opt/m/minilm"}
-    runs = pd.DataFrame([_run(0, 0, **known), _run(1, 1, **known),
-                         _run(2, 2, status="KILLED", **{"vision.name": None, "text.name": None, "data.name": None})])
+    runs = pd.DataFrame(
+        [
+            _run(0, 0, **known),
+            _run(1, 1, **known),
+            _run(2, 2, status="KILLED", **{"vision.name": None, "text.name": None, "data.name": None}),
+        ]
+    )
     assert backbones_label(runs, "vision") == "demo/vision_encoder"
     assert backbones_label(runs, "text") == "minilm"
     assert datasets_label(runs) == "demo"
