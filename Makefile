@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 SPEC    ?= sweeps/expert_vs_length.yaml
 
-.PHONY: env sweep test test-all bench clean-env
+.PHONY: env sweep lint test test-all bench clean-env
 
 env: $(STAMP)
 
@@ -26,7 +26,12 @@ $(STAMP): pyproject.toml constraints.txt
 sweep: $(STAMP)
 	$(BIN)/harness sweep $(SPEC)
 
-test: $(STAMP)
+# Formatting and lint (ruff, configured in pyproject.toml); `make test` runs it first, so .ci/run does too.
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)

@@ -8,8 +8,8 @@ Iterates ``make_train_loader`` (resampled shards -> decode + transform + MiniLM 
 unbatch/shuffle/rebatch in the main process) without any model, so the number is the loader's ceiling. Reports the
 steady-state rate (first batch excluded: worker start-up and tokenizer loading) and the first-batch latency per epoch.
 Prints one JSON object per measurement; ``cpu_s_per_sample`` (CPU of the main process and the workers per sample
-delivered) stays comparable when the machine is busy. ``--build`` builds the demo first when it is missing (``ensure_demo``; a few
-minutes).
+delivered) stays comparable when the machine is busy. ``--build`` builds the demo first when it is missing
+(``ensure_demo``; a few minutes).
 
 The demo decodes PNG images. MUStARD decodes the stored 16 kHz PCM16 wav (the 22.05 kHz -> 16 kHz resampling is done
 once at prep, not here) and, with frames, T PNG frames per sample, each resized/cropped/normalised like an image

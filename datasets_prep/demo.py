@@ -1,8 +1,8 @@
 """Embedded demo dataset ``demo`` ("DigitGrid-VE"): visual entailment over grids of real handwritten digits.
 
 Built offline by ``harness prep demo --out DIR`` (or :func:`ensure_demo`) from scikit-learn's UCI handwritten digits
-(1,797 real 8x8 scans shipped inside the package, no download). It goes through the same shard/manifest path as the real
-datasets (:class:`datasets_prep.writer.ShardSetWriter`, PNG images, ``json.label`` int, task ``single_label``).
+(1,797 real 8x8 scans shipped inside the package, no download). It goes through the same shard/manifest path as the
+real datasets (:class:`datasets_prep.writer.ShardSetWriter`, PNG images, ``json.label`` int, task ``single_label``).
 
 Task
     Each image (16x16 grey PNG) is a 2x2 grid of four real digits, each a native 8x8 scan filling its 8x8 cell
@@ -28,10 +28,10 @@ Both modalities are needed, by construction
     Pairs are made in *quads*: an image A (uniform random digits), a statement s true of A, a statement t false of A,
     and an image B drawn uniformly among digit grids where s is false and t is true; the quad gives the four pairs
     (A, s, 1), (A, t, 0), (B, s, 0), (B, t, 1). Hence in every split **each exact statement text, each template and
-    each image has exactly as many entailed as contradicted pairs**: a text-only or image-only classifier scores exactly
-    50% on every split, whatever templates are selected. Labels are balanced overall (50/50). Measured sanity check on
-    the nine-template mix (frozen demo ViT [CLS] + frozen MiniLM mean-pooled text -> 2-layer MLP): text-only 50.0%,
-    image-only ~50%, late fusion ~74% test (99.6% train; "compare" templates ~56%, "contains" ~88%).
+    each image has exactly as many entailed as contradicted pairs**: a text-only or image-only classifier scores
+    exactly 50% on every split, whatever templates are selected. Labels are balanced overall (50/50). Measured sanity
+    check on the nine-template mix (frozen demo ViT [CLS] + frozen MiniLM mean-pooled text -> 2-layer MLP): text-only
+    50.0%, image-only ~50%, late fusion ~74% test (99.6% train; "compare" templates ~56%, "contains" ~88%).
 
 No test digit is seen in training
     The 1,797 source scans are split per class (seeded hash order) 60/20/20 into train/val/test source pools; a split's
@@ -53,9 +53,9 @@ Output layout::
     OUT/{train,val,test}/demo-<split>-000000.tar ... + manifest.json
     OUT/vision_encoder/model.safetensors, config.json
 
-Per-sample ``json``: ``id``, ``label``, ``template``, ``difficulty``, ``statement_id``, ``image_id``, ``digits`` (the four
-cell classes, row-major), ``source_indices`` (UCI indices). These annotations are for analysis only; the loader passes
-only image, text and label to the model.
+Per-sample ``json``: ``id``, ``label``, ``template``, ``difficulty``, ``statement_id``, ``image_id``, ``digits`` (the
+four cell classes, row-major), ``source_indices`` (UCI indices). These annotations are for analysis only; the loader
+passes only image, text and label to the model.
 """
 
 from __future__ import annotations
@@ -335,7 +335,8 @@ def split_source_digits(labels: np.ndarray, seed: int, fractions=(0.6, 0.2, 0.2)
 
 
 def compose_grids(big: np.ndarray, src_idx: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """``src_idx`` (n, 4) source-scan indices, ``offsets`` (n, 4, 2) -> uint8 images (n, IMG, IMG), black background."""
+    """``src_idx`` (n, 4) source-scan indices, ``offsets`` (n, 4, 2) -> uint8 images (n, IMG, IMG), black
+    background."""
     n = src_idx.shape[0]
     out = np.zeros((n, IMG, IMG), dtype=np.uint8)
     for c in range(4):
@@ -361,7 +362,8 @@ def _pick_sources(src: SourceDigits, split: str, digits: np.ndarray, rng: np.ran
 
 
 def sample_pretext_grids(src: SourceDigits):
-    """``sample_grids(rng, n, split)`` for :func:`pretrain_encoder`: uniform random digit grids from ``split``'s pool."""
+    """``sample_grids(rng, n, split)`` for :func:`pretrain_encoder`: uniform random digit grids from ``split``'s
+    pool."""
 
     def sample(rng: np.random.Generator, n: int, split: str):
         digits = rng.integers(0, 10, size=(n, 4))
@@ -615,8 +617,8 @@ def _build_into(out: Path, cfg: DemoConfig, *, shard_size: int, verbose: bool) -
 
 
 def _config_from_options(options: dict) -> DemoConfig:
-    pre_keys = {f for f in PretrainConfig.__dataclass_fields__}
-    demo_keys = {f for f in DemoConfig.__dataclass_fields__} - {"pretrain"}
+    pre_keys = set(PretrainConfig.__dataclass_fields__)
+    demo_keys = set(DemoConfig.__dataclass_fields__) - {"pretrain"}
     if int(options.pop("max_image_side", 0) or 0):
         raise PrepError(f"max_image_side does not apply to the demo (its images are {IMG}x{IMG})")
     bad = sorted(set(options) - pre_keys - demo_keys - {"verbose"})

@@ -12,9 +12,10 @@ Here the subsets are deterministic, seeded and **nested**, and saved as index ma
   order also seeded); the ``n``-shot set is again a prefix, so it is nested and per-class counts differ by at most one
   (among classes that still have samples). For multi-label data a sample's stratum is its rarest label in the split.
 
-Files: ``SPLIT_DIR/fewshot/seed-<s>/shots-<n>.json`` (uniform) or ``SPLIT_DIR/fewshot/stratified-seed-<s>/shots-<n>.json``
-(see :func:`fewshot_path`), each ``{"dataset", "split", "task", "strategy", "seed", "shots", "keys" (selection order),
-"class_histogram", "num_split_samples", "split_manifest_sha256"}``. The loader (:mod:`mope_data.loaders`) reads the keys
+Files: ``SPLIT_DIR/fewshot/seed-<s>/shots-<n>.json`` (uniform) or
+``SPLIT_DIR/fewshot/stratified-seed-<s>/shots-<n>.json`` (see :func:`fewshot_path`), each ``{"dataset", "split",
+"task", "strategy", "seed", "shots", "keys" (selection order), "class_histogram", "num_split_samples",
+"split_manifest_sha256"}``. The loader (:mod:`mope_data.loaders`) reads the keys
 (:func:`mope_data.format.read_fewshot`) and loads those samples into memory.
 
 CLI hook: ``harness prep --fewshot SHARD_DIR --shots 100,1000 --seed 0 [--stratified] [--split train]``

@@ -3,13 +3,13 @@
 No pretrained ViT/Swin weights exist offline (``../shared/docs/environment.md``), so ``harness prep demo`` trains one
 locally, once, and from then on the harness treats it as a frozen pretrained encoder (like Swin-B on a cluster).
 
-Pretext task: *digit-cell classification*. Each pretext image is a 2x2 grid of real UCI digits composed exactly like the
-demo images (:func:`datasets_prep.demo.compose_grids`), drawn afresh every epoch from the **training** source digits only;
-the model predicts the digit class of each of the 4 cells (4 x 10-way cross-entropy on the [CLS] feature), plus an
-auxiliary loss classifying each cell from the mean of its final patch tokens (``patch_loss``: the patch features learn
-within a few hundred steps, which then lets the [CLS] aggregation learn; both heads are discarded). Digit identity is an
-image annotation: no statement and no entailment label is used. Pretext accuracy (of the [CLS] head, and of the patch
-head) is measured on grids composed from the *validation* source digits.
+Pretext task: *digit-cell classification*. Each pretext image is a 2x2 grid of real UCI digits composed exactly like
+the demo images (:func:`datasets_prep.demo.compose_grids`), drawn afresh every epoch from the **training** source
+digits only; the model predicts the digit class of each of the 4 cells (4 x 10-way cross-entropy on the [CLS]
+feature), plus an auxiliary loss classifying each cell from the mean of its final patch tokens (``patch_loss``: the
+patch features learn within a few hundred steps, which then lets the [CLS] aggregation learn; both heads are
+discarded). Digit identity is an image annotation: no statement and no entailment label is used. Pretext accuracy
+(of the [CLS] head, and of the patch head) is measured on grids composed from the *validation* source digits.
 
 Determinism: seeded NumPy generator for the pretext data, ``torch.manual_seed`` inside :func:`torch.random.fork_rng`
 (the caller's RNG state is left untouched), ``torch.use_deterministic_algorithms(True)``, and a fixed intra-op thread
@@ -17,9 +17,10 @@ count (``threads``, default 1: the bytes differ between 1 and 2 threads, and may
 build, so the thread count is recorded in ``config.json``). Two runs with the same software on the same kind of machine
 give byte-identical weights.
 
-Output (``out_dir``): ``model.safetensors`` holds exactly ``timm.create_model(name, pretrained=False, **timm_kwargs)``'s
-state dict (``num_classes=0``: no head), so ``load_state_dict(load_file(...), strict=True)`` works; ``config.json``
-holds ``{"timm_model", "timm_kwargs", "img_size", "mean", "std", "pretext", "train_images_sha256", ...}``.
+Output (``out_dir``): ``model.safetensors`` holds exactly
+``timm.create_model(name, pretrained=False, **timm_kwargs)``'s state dict (``num_classes=0``: no head), so
+``load_state_dict(load_file(...), strict=True)`` works; ``config.json`` holds
+``{"timm_model", "timm_kwargs", "img_size", "mean", "std", "pretext", "train_images_sha256", ...}``.
 """
 
 from __future__ import annotations
@@ -100,8 +101,9 @@ def pretrain_encoder(
 ) -> dict:
     """Train the ViT on the pretext task and write ``out_dir/model.safetensors`` + ``out_dir/config.json``.
 
-    ``sample_grids(rng, n, split)`` returns ``(images uint8 (n, H, W), cell digit labels int (n, 4))`` composed from the
-    source digits of ``split`` ("train" for training, "val" for the pretext accuracy). Returns the config dict written.
+    ``sample_grids(rng, n, split)`` returns ``(images uint8 (n, H, W), cell digit labels int (n, 4))`` composed from
+    the source digits of ``split`` ("train" for training, "val" for the pretext accuracy). Returns the config dict
+    written.
     """
     import timm
     import torch
@@ -207,7 +209,8 @@ def pretrain_encoder(
                     log(
                         f"encoder pretraining epoch {epoch + 1}/{cfg.epochs}: loss {loss_sum / steps_per_epoch:.3f}, "
                         f"val cell acc {metrics['val_cell_accuracy']:.3f} (patch head "
-                        f"{metrics.get('val_patch_cell_accuracy', float('nan')):.3f}), {rate:.0f} img/s, eta {eta:.0f}s"
+                        f"{metrics.get('val_patch_cell_accuracy', float('nan')):.3f}), "
+                        f"{rate:.0f} img/s, eta {eta:.0f}s"
                     )
             train_seconds = time.monotonic() - t0
             state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}

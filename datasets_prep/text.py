@@ -34,7 +34,8 @@ def normalize_space(text: str) -> str:
 
 
 def mmbt_clean(text: str) -> str:
-    """MMBT Food-101 text cleaning: punctuation of :data:`MMBT_PUNCTUATION` -> space, collapse whitespace, lower case."""
+    """MMBT Food-101 text cleaning: punctuation of :data:`MMBT_PUNCTUATION` -> space, collapse whitespace, lower
+    case."""
     return normalize_space(text.translate(_MMBT_TABLE)).lower()
 
 

@@ -115,7 +115,8 @@ def sanitize_key(raw: str) -> str:
 
     Unchanged when ``raw`` is already valid (and at most 80 characters). Otherwise every other character is replaced
     with ``_`` and ``_<10 hex chars of sha1(raw)>`` is appended, so that ids differing only in replaced characters
-    (``a.b`` vs ``a_b`` vs ``a b``) still get distinct keys. Deterministic. Over-long ids are truncated before the hash.
+    (``a.b`` vs ``a_b`` vs ``a b``) still get distinct keys. Deterministic. Over-long ids are truncated before the
+    hash.
     """
     raw = str(raw)
     if raw and len(raw) <= _MAX_KEY_LEN and KEY_RE.match(raw):
@@ -353,12 +354,14 @@ class ShardSetWriter:
         if self.task == "single_label":
             if not ok(label):
                 raise PrepError(
-                    f"sample {key!r}: label {label!r} is not an int index in [0, {n}) for single_label {self.dataset!r}"
+                    f"sample {key!r}: label {label!r} is not an int index in [0, {n}) "
+                    f"for single_label {self.dataset!r}"
                 )
             return [label]
         if not isinstance(label, list) or not all(ok(x) for x in label):
             raise PrepError(
-                f"sample {key!r}: label {label!r} must be a list of int indices in [0, {n}) for multi_label {self.dataset!r}"
+                f"sample {key!r}: label {label!r} must be a list of int indices in [0, {n}) "
+                f"for multi_label {self.dataset!r}"
             )
         if len(set(label)) != len(label):
             raise PrepError(f"sample {key!r}: label {label!r} repeats an index")
@@ -518,7 +521,8 @@ def write_dataset_info(
 
 
 def read_labels_file(path: Path) -> list[str]:
-    """Labels file: one name per line; strips surrounding whitespace and \\r, ignores blank lines, rejects duplicates."""
+    """Labels file: one name per line; strips surrounding whitespace and \\r, ignores blank lines, rejects
+    duplicates."""
     path = Path(path)
     if not path.is_file():
         raise PrepError(f"{path}: labels file not found")
@@ -798,7 +802,8 @@ def load_image(path: Path, *, max_side: int = 0) -> tuple[str, bytes]:
 
 def load_audio_wav(path: Path, *, target_sr: int = 16000) -> tuple[bytes, float]:
     """Read an audio file (anything libsndfile reads), downmix to mono, resample to ``target_sr`` with
-    ``scipy.signal.resample_poly``, return ``(PCM16 WAV bytes, duration_s)``. Deterministic (stdlib ``wave`` writer)."""
+    ``scipy.signal.resample_poly``, return ``(PCM16 WAV bytes, duration_s)``. Deterministic (stdlib ``wave``
+    writer)."""
     import wave
     from math import gcd
 

@@ -4,11 +4,11 @@ Layout::
 
     <run_dir>/checkpoints/step-<N>/adapter.safetensors   # mope.adapter_io.save_adapter (trainable tensors only)
                                   /mope_config.json
-                                  /train_state.pt        # TRAIN_STATE_FILE, readable with torch.load(weights_only=True)
+                                  /train_state.pt        # TRAIN_STATE_FILE (torch.load(weights_only=True) reads it)
 
 A checkpoint is first written into ``checkpoints/.tmp-step-<N>-<pid>`` and then renamed into place, so a directory
-named ``step-<N>`` is always complete; leftover ``.tmp-*`` directories of a crashed save are ignored (and cleaned by the
-next save). Only the last ``keep_last`` checkpoints are kept.
+named ``step-<N>`` is always complete; leftover ``.tmp-*`` directories of a crashed save are ignored (and cleaned by
+the next save). Only the last ``keep_last`` checkpoints are kept.
 
 ``train_state.pt`` holds only tensors, dicts, lists, tuples, numbers, strings and ``None`` (numpy and Python RNG
 states are converted), so it loads with ``weights_only=True`` and never executes pickled code.
@@ -49,7 +49,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint on disk cannot be read (corrupt, truncated, or not written by this module)."""
 
 
-# -- RNG ---------------------------------------------------------------------------------------------------------------
+# -- RNG --------------------------------------------------------------------------------------------------------------
 def capture_rng() -> dict[str, Any]:
     """torch (CPU and every CUDA device), numpy's global and Python's ``random`` states, as weights_only-safe data."""
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
@@ -98,7 +98,7 @@ def restore_rng(state: Mapping[str, Any]) -> None:
                 torch.cuda.set_rng_state(s, i)
 
 
-# -- validation of the saved structure ---------------------------------------------------------------------------------
+# -- validation of the saved structure --------------------------------------------------------------------------------
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
 
 
@@ -128,7 +128,7 @@ def check_weights_only_safe(obj: Any, where: str = "state") -> None:
     )
 
 
-# -- save / load -------------------------------------------------------------------------------------------------------
+# -- save / load ------------------------------------------------------------------------------------------------------
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR
 
@@ -339,7 +339,7 @@ def restore(
         restore_rng(state["rng"])
 
 
-# -- DeepSpeed engines -------------------------------------------------------------------------------------------------
+# -- DeepSpeed engines ------------------------------------------------------------------------------------------------
 ENGINE_DIGESTS_FILE = "mope_digests.json"
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -409,7 +409,8 @@ def verify_engine_checkpoint(ckpt_dir: str | Path, *, tag: str | None = None) ->
     )
     if not manifest.is_file():
         raise CheckpointError(
-            f"{tdir} has no {ENGINE_DIGESTS_FILE}: it was not written by harness.checkpoint.save_engine, and DeepSpeed "
+            f"{tdir} has no {ENGINE_DIGESTS_FILE}: it was not written by harness.checkpoint.save_engine, "
+            "and DeepSpeed "
             f"would unpickle its files (code execution); refused. Fix: {fix}"
         )
     try:

@@ -82,7 +82,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "tra
     return plain
 
 
-# -- type checks of the dicts that become mope.config dataclasses -------------------------------------------------------
+# -- type checks of the dicts that become mope.config dataclasses -----------------------------------------------------
 def _describe(tp: Any) -> str:
     """A readable name of a type hint: 'an integer', 'a number or null', "one of 'dense', 'top1_scaled'"."""
     import enum
@@ -161,7 +161,8 @@ def check_fields(cls: type, values: dict[str, Any], owner: str, *, skip: tuple[s
     for k, v in values.items():
         if k not in fields:
             raise ConfigValidationError(
-                f"{owner}.{k} is not a configuration field ({_nearest(f'{owner}.{k}', [f'{owner}.{n}' for n in fields])})"
+                f"{owner}.{k} is not a configuration field "
+                f"({_nearest(f'{owner}.{k}', [f'{owner}.{n}' for n in fields])})"
                 f"; fix the key, see harness/configs/train.yaml for the fields"
             )
         tp = hints[k]

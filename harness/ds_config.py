@@ -139,7 +139,7 @@ def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, A
     return out
 
 
-# -- parameter groups --------------------------------------------------------------------------------------------------
+# -- parameter groups -------------------------------------------------------------------------------------------------
 def modality_group(component: str, main_modality: str) -> str:
     """Maps a :meth:`mope.model.FusionModel.component_of` name to its optimizer group, ``"vision"`` or ``"text"``.
 

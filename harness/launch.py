@@ -58,6 +58,7 @@ from harness.tracking import RunLifecycle
 log = logging.getLogger("harness.launch")
 
 DRIVER_RESOURCE = "harness_trial_driver"
+STORAGE_ENV = "MOPE_STORAGE"
 RAY_STOPS = (KeyboardInterrupt, SystemExit)  # Ctrl-C, or Ray stopping the trial (SystemExit 0): not a failure
 
 
@@ -101,14 +102,59 @@ def _setup_trial_process(config: dict[str, Any] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def _trial_cfg(config: dict[str, Any], t: dict[str, Any]) -> dict[str, Any]:
+    """The trial's configuration as this process runs it: resuming, and on a cluster in node-local scratch."""
+    from harness.cluster import scratch_root
+
+    cfg = copy.deepcopy(t["cfg"])
+    cfg["resume"] = True  # a restarted trial continues from its last epoch checkpoint
+    if config.get("node_local"):
+        cfg["work_root"] = str(scratch_root(t["sweep_id"]))
+    return cfg
+
+
+def _reporter(cfg: dict[str, Any], send, checkpoint_cls):
+    """The recipe's `report(metrics, checkpoint_dir)` for Ray: the metrics merged with the last ones (an epoch without
+    evaluation keeps the trial's objective), the epoch checkpoint handed to Ray, which copies it to the storage."""
+    from harness.cluster import ray_checkpoint
+    from harness.run_setup import run_dir_of
+
+    last: dict[str, Any] = {}
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        last.update(metrics)
+        m = _tune_metrics(last, cfg)
+        if checkpoint_dir is None:
+            send(m)
+            return
+        with ray_checkpoint(run_dir_of(cfg), checkpoint_dir, int(metrics["step"]), checkpoint_cls) as ckpt:
+            send(m, checkpoint=ckpt)
+
+    return report
+
+
+def _restore(cfg: dict[str, Any], checkpoint, tracker, rank: int = 0) -> None:
+    """Before the recipe resumes: the checkpoint Ray kept, back in this node's run directory; where the trial runs."""
+    from harness.cluster import node_facts, restore_ray_checkpoint
+    from harness.run_setup import run_dir_of
+
+    step = restore_ray_checkpoint(checkpoint, run_dir_of(cfg))
+    if step is not None:
+        log.info("trial %s: checkpoint of step %d restored from the sweep's storage", cfg["run_name"], step)
+    if rank == 0:
+        facts = node_facts()
+        if step is not None:
+            facts["harness.restored_step"] = str(step)
+        tracker.set_tags(facts)
+
+
 def run_trial(config: dict[str, Any]) -> None:
     """The Tune trainable: one trial (see the module docstring)."""
     from ray import tune
 
     _setup_trial_process(config)
     t = config["trial"]
-    cfg = copy.deepcopy(t["cfg"])
-    cfg["resume"] = True  # a restarted trial continues from its last epoch checkpoint
+    cfg = _trial_cfg(config, t)
     objective = config["objective"]["metric"]
     done = finished_child_metrics(cfg, t["trial_key"])
     if done is not None:
@@ -129,8 +175,9 @@ def run_trial(config: dict[str, Any]) -> None:
     )
     try:
         with RunLifecycle(tracker, killed_by=RAY_STOPS) as run:
+            _restore(cfg, tune.get_checkpoint(), tracker)
             summary = recipe.train(
-                cfg, rank=0, world_size=1, tracker=tracker, report=lambda m: tune.report(_tune_metrics(m, cfg))
+                cfg, rank=0, world_size=1, tracker=tracker, report=_reporter(cfg, tune.report, tune.Checkpoint)
             )
             run.status = "FINISHED" if summary.get("finished") else "KILLED"
     except BaseException as e:
@@ -231,6 +278,7 @@ def _run_torchtrainer(config: dict[str, Any], cfg: dict[str, Any]) -> None:
             name=f"train-{trial_id}",
             storage_path=config["storage_path"],
             failure_config=ray.train.FailureConfig(max_failures=1),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=int(cfg["trainer"].get("keep_checkpoints", 2))),
             callbacks=[TuneReportCallback()],
         ),
     )
@@ -266,10 +314,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker = open_tracker(
         cfg, rank=rank, trial_key=t["trial_key"], parent_run_id=config["parent_run_id"], tags=config["tags"]
     )
+    _restore(cfg, ray.train.get_checkpoint(), tracker, rank)  # every rank, into its own node's run directory
+    _tag_worker_nodes(tracker, rank, world)
     summary = train(
-        cfg, rank=rank, world_size=world, tracker=tracker, report=lambda m: ray.train.report(_tune_metrics(m, cfg))
+        cfg,
+        rank=rank,
+        world_size=world,
+        tracker=tracker,
+        report=_reporter(cfg, ray.train.report, ray.train.Checkpoint),
     )
     ray.train.report(_final_metrics(summary, cfg))
+
+
+def _tag_worker_nodes(tracker, rank: int, world: int) -> None:
+    """Rank 0 tags the child run with the Ray node of every rank (``harness.worker_nodes``, a JSON list by rank)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    nodes: list[Any] = [None] * world
+    if dist.is_available() and dist.is_initialized():
+        dist.all_gather_object(nodes, node)
+    else:
+        nodes = [node]
+    if rank == 0:
+        tracker.set_tags({"harness.worker_nodes": json.dumps(nodes)})
 
 
 def _record_train_keys(out_dir: Path, name: str, rank: int) -> None:
@@ -307,8 +376,10 @@ def _record_train_keys(out_dir: Path, name: str, rank: int) -> None:
 
 
 # -- the driver -------------------------------------------------------------------------------------------------------
-def ray_init(num_cpus: int | None = None, *, verbose: bool = False) -> dict[str, float]:
-    """Connects to ``$RAY_ADDRESS`` (a multi-node cluster) or starts a local one; returns the cluster resources."""
+def ray_init(num_cpus: int | None = None, *, verbose: bool = False, address: str | None = None) -> dict[str, float]:
+    """Connects to `address` (else ``$RAY_ADDRESS``: an existing, possibly multi-node cluster; the project code
+    travels as the job's ``runtime_env``, :func:`harness.cluster.runtime_env`) or starts a local one; returns the
+    cluster resources."""
     import ray
 
     if not ray.is_initialized():
@@ -317,14 +388,23 @@ def ray_init(num_cpus: int | None = None, *, verbose: bool = False) -> dict[str,
             "log_to_driver": verbose,
             "logging_level": logging.INFO if verbose else logging.WARNING,
         }
-        addr = os.environ.get("RAY_ADDRESS")
+        addr = address or os.environ.get("RAY_ADDRESS")
         if addr:
-            ray.init(address=addr, **kw)
+            from harness.cluster import runtime_env
+
+            ray.init(address=addr, runtime_env=runtime_env(), **kw)
         else:
             ray.init(
                 address="local", num_cpus=num_cpus or os.cpu_count() or 1, resources={DRIVER_RESOURCE: 1000}, **kw
             )
     return dict(ray.cluster_resources())
+
+
+def sweep_storage(cfg: dict[str, Any], storage: str | None = None) -> str:
+    """Where Tune keeps the sweep's state and the trials' checkpoints: `storage` (``--storage``), else
+    ``$MOPE_STORAGE``, else ``<run_root>/ray``; a URL (``s3://bucket/prefix``) on a cluster without shared disk."""
+    s = storage or os.environ.get(STORAGE_ENV) or str(Path(cfg["paths"]["run_root"]) / "ray")
+    return s.rstrip("/") if "://" in s else str(Path(s).expanduser().resolve())
 
 
 def trial_resources(res, cluster: dict[str, float] | None = None) -> dict[str, float]:
@@ -339,6 +419,10 @@ def trial_resources(res, cluster: dict[str, float] | None = None) -> dict[str, f
     if res.gpus_per_worker:
         out["GPU"] = float(res.gpus_per_worker)
     return out
+
+
+def _keep_checkpoints(trials: list[dict[str, Any]]) -> int:
+    return max(int(t["cfg"]["trainer"].get("keep_checkpoints", 2)) for t in trials)
 
 
 def _trial_name(trial) -> str:
@@ -410,22 +494,30 @@ def run_sweep(
     progress_every_s: float = 30.0,
     verbose: bool = False,
     stream=None,
+    address: str | None = None,
+    storage: str | None = None,
 ) -> int:
     """Runs (or resumes) the sweep; returns 0 when every trial has a FINISHED child run, 1 otherwise.
 
     Args:
         spec: the :class:`harness.spec.SweepSpec`.
         trials: ``Trial.to_dict()`` of every trial plus its composed ``cfg`` (see ``harness.sweep_cmd.plan``).
-        num_cpus: CPUs of a local cluster (default: all); ignored with ``$RAY_ADDRESS``.
+        num_cpus: CPUs of a local cluster (default: all); ignored on an existing cluster.
         progress_every_s: seconds between progress tables.
         verbose: stream the trials' logs to this console.
+        address: an existing Ray cluster (default ``$RAY_ADDRESS``; none: a local cluster).
+        storage: the Tune storage (:func:`sweep_storage`); a URL makes every trial work in node-local scratch and
+            keep its checkpoints only through Ray.
     """
+    from harness.cluster import is_url
+
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    address = address or os.environ.get("RAY_ADDRESS")
     out = stream or sys.stdout
     cfg0 = trials[0]["cfg"]
-    storage = Path(cfg0["paths"]["run_root"]) / "ray"
-    exp_dir = storage / spec.sweep_id
+    storage = sweep_storage(cfg0, storage)
+    exp_dir = f"{storage}/{spec.sweep_id}"
     for t in trials:  # explicit in every process (trials run elsewhere; pitfall 8)
         t["cfg"]["tracking"]["uri"] = tracking_target(t["cfg"])[0]
     t0 = time.time()
@@ -444,7 +536,7 @@ def run_sweep(
             prepare_shared_inputs([t["cfg"] for t in trials])
             from ray import tune  # noqa: F401 - imported before Ray starts, as it always was
 
-            cluster = ray_init(num_cpus, verbose=verbose)
+            cluster = ray_init(num_cpus, verbose=verbose, address=address)
             concurrency = spec.resources.max_concurrent_for(cluster.get("CPU", 0.0), cluster.get("GPU", 0.0))
             print(
                 f"[{spec.sweep_id}] {len(trials)} trials, {concurrency} at a time on {cluster.get('CPU', 0):g} CPUs "
@@ -452,7 +544,17 @@ def run_sweep(
                 file=out,
                 flush=True,
             )
-            tuner = _make_tuner(spec, trials, parent.run_id, storage, cluster, concurrency, progress_every_s, stream)
+            tuner = _make_tuner(
+                spec,
+                trials,
+                parent.run_id,
+                storage,
+                cluster,
+                concurrency,
+                progress_every_s,
+                stream,
+                node_local=is_url(storage),
+            )
             grid = tuner.fit()
             rc, run.status = sweep_outcome(
                 spec, trials, grid.num_errors, parent_run_id=parent.run_id, t0=t0, exp_dir=exp_dir, out=out
@@ -461,7 +563,7 @@ def run_sweep(
     finally:
         import ray
 
-        if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        if ray.is_initialized() and not address:
             ray.shutdown()
 
 
@@ -469,32 +571,35 @@ def _make_tuner(
     spec,
     trials: list[dict[str, Any]],
     parent_run_id: str,
-    storage: Path,
+    storage: str,
     cluster: dict[str, float],
     concurrency: int,
     progress_every_s: float,
     stream,
+    *,
+    node_local: bool = False,
 ):
     """The sweep's ``tune.Tuner``: restored from ``<storage>/<sweep_id>`` when Tune can, else a new one."""
     from ray import tune
 
-    exp_dir = storage / spec.sweep_id
+    exp_dir = f"{storage}/{spec.sweep_id}"
     res = spec.resources
     trainable = tune.with_resources(run_trial, trial_resources(res, cluster))
-    if tune.Tuner.can_restore(str(exp_dir)):
+    if tune.Tuner.can_restore(exp_dir):
         print(
             f"[{spec.sweep_id}] resuming: finished trials are kept, errored and unfinished ones are re-run",
             file=stream or sys.stdout,
             flush=True,
         )
-        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
     param_space = {
         "trial": tune.grid_search(trials),
         "parent_run_id": parent_run_id,
         "spec_hash": spec.spec_hash,
         "objective": dict(spec.objective.__dict__),
         "resources": dict(res.__dict__),
-        "storage_path": str(storage),
+        "storage_path": storage,
+        "node_local": node_local,  # trials work in node-local scratch (harness.cluster.scratch_root)
         "sample_log_dir": os.environ.get("HARNESS_SAMPLE_LOG_DIR"),
         "fault_inject": os.environ.get(faults.ENV),  # reliability tests only (harness.faults)
     }
@@ -520,9 +625,11 @@ def _make_tuner(
         ),
         run_config=tune.RunConfig(
             name=spec.sweep_id,
-            storage_path=str(storage),
+            storage_path=storage,
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=2, fail_fast=False),
+            # the trials' epoch checkpoints (harness.cluster.ray_checkpoint), as many as the recipe keeps locally
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=_keep_checkpoints(trials)),
             callbacks=[progress],
         ),
     )
@@ -534,6 +641,7 @@ __all__ = [
     "ray_init",
     "run_sweep",
     "run_trial",
+    "sweep_storage",
     "train_loop_per_worker",
     "trial_resources",
 ]

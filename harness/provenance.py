@@ -110,7 +110,7 @@ def manifest_checksums(manifests: Iterable[str | Path]) -> list[dict[str, Any]]:
     return out
 
 
-# -- git ---------------------------------------------------------------------------------------------------------------
+# -- git --------------------------------------------------------------------------------------------------------------
 def git_info(repo: str | Path = REPO_ROOT) -> dict[str, Any]:
     """``{"sha", "dirty", "branch", "source"}``. ``dirty`` = tracked files modified (untracked files, e.g. data or
     outputs, do not count). Without a git binary the SHA is read from ``.git`` (``dirty`` is then ``None``)."""
@@ -194,7 +194,7 @@ def _read_git_dir(repo: Path) -> dict[str, Any] | None:
         return None
 
 
-# -- accelerator -------------------------------------------------------------------------------------------------------
+# -- accelerator ------------------------------------------------------------------------------------------------------
 def accelerator_info() -> dict[str, Any]:
     """CUDA devices as torch sees them, plus the driver version from ``nvidia-smi`` when present."""
     info: dict[str, Any] = {"cuda_available": False, "gpus": [], "cuda": None, "cudnn": None, "driver": None}

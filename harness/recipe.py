@@ -61,6 +61,10 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the message names the step."""
 
 
+# report(metrics, checkpoint_dir): see train()
+Report = Callable[[dict[str, float], "Path | None"], None]
+
+
 # -- one training run -------------------------------------------------------------------------------------------------
 def train(
     cfg: dict[str, Any],
@@ -68,14 +72,16 @@ def train(
     rank: int = 0,
     world_size: int = 1,
     tracker: Tracker | None = None,
-    report: Callable[[dict[str, float]], None] | None = None,
+    report: Report | None = None,
     stop_after_epochs: int | None = None,
 ) -> dict[str, Any]:
     """Runs one configuration; returns its summary (step, epochs_done, finished, best, run_dir, final metrics, run_id).
 
     Without `tracker` the call opens the run's MLflow run (:func:`open_tracker`) and closes it with its status
     (:class:`harness.tracking.RunLifecycle`: FINISHED, KILLED when stopped early or by Ctrl-C, FAILED with the cause);
-    with one, the caller owns the run. `report(metrics)` is called after every evaluation (Ray Tune hooks in there).
+    with one, the caller owns the run. `report(metrics, checkpoint_dir)` is called after every evaluation (Ray Tune
+    hooks in there): mid-epoch ones with `checkpoint_dir=None`, the end-of-epoch one once that epoch's checkpoint is
+    written, with its directory (Ray copies it to the sweep's storage).
     `stop_after_epochs` ends the run early after that many epochs in this process (tests use it to simulate a crash
     before resuming)."""
     if tracker is None:
@@ -181,7 +187,7 @@ class TrainingRun:
         rank: int,
         world_size: int,
         tracker: Tracker,
-        report: Callable[[dict[str, float]], None] | None,
+        report: Report | None,
     ):
         self.cfg, self.tr = cfg, cfg["trainer"]
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
@@ -213,6 +219,7 @@ class TrainingRun:
         self.samples_total, self.data_wait_total, self.step_time_total = 0, 0.0, 0.0
         self.epochs = int(tr["epochs"])
         self.last_epoch_run = self.start_epoch - 1
+        self.pending_report: dict[str, Any] | None = None
 
     def _build_model(self) -> None:
         cfg, seed = self.cfg, int(self.cfg["seed"])
@@ -383,12 +390,13 @@ class TrainingRun:
         step was not evaluated already."""
         last = epoch + 1 == self.epochs
         if self.eval_steps is None and ((epoch + 1) % max(1, int(self.eval_every)) == 0 or last):
-            self.validate(epoch)
+            self.validate(epoch, defer_report=True)
         elif self.eval_steps is not None and self.step % self.eval_steps != 0 and last:
-            self.validate(epoch)
+            self.validate(epoch, defer_report=True)
 
-    def validate(self, epoch: int) -> dict[str, float]:
-        """Scores val; a new best value saves the selected adapter. Logs and reports the metrics."""
+    def validate(self, epoch: int, *, defer_report: bool = False) -> dict[str, float]:
+        """Scores val; a new best value saves the selected adapter. Logs and reports the metrics (deferred to the
+        epoch's checkpoint for the end-of-epoch evaluation, so they reach Ray together with it)."""
         res = evaluate(self.engine, self.val_loader, self.task, self.cache, "val", self.world_size)
         objective = self.objective
         metrics = {f"val/{k}": v for k, v in res.items() if k != "n"}
@@ -400,8 +408,10 @@ class TrainingRun:
         metrics[f"val/{objective}_best"] = self.best["value"]
         if self.is_main:
             self.tracker.log_metrics(metrics, step=self.step)
-        if self.report is not None:
-            self.report({**metrics, "step": self.step, "epoch": epoch})
+        if defer_report:
+            self.pending_report = {**metrics, "step": self.step, "epoch": epoch}
+        elif self.report is not None:
+            self.report({**metrics, "step": self.step, "epoch": epoch}, None)
         return metrics
 
     # -- checkpoint ---------------------------------------------------------------------------------------------------
@@ -409,7 +419,7 @@ class TrainingRun:
         """The end-of-epoch checkpoint, with the metrics the store has not taken yet (rank 0)."""
         if self.is_main:
             self.tracker.try_flush()
-        ck.save_checkpoint(
+        path = ck.save_checkpoint(
             self.run_dir,
             self.step,
             model=self.model,
@@ -423,6 +433,9 @@ class TrainingRun:
             is_main_process=self.is_main,
         )
         self.last_epoch_run = epoch
+        if self.report is not None:  # every rank reports (Ray Train's report is a barrier); only rank 0 wrote it
+            metrics, self.pending_report = self.pending_report or {"step": self.step, "epoch": epoch}, None
+            self.report(metrics, path if self.is_main else None)
 
     # -- finish -------------------------------------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:

@@ -24,7 +24,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-RUN_CONTROL_KEYS = ("overrides", "resume")  # how a run is started, not what it computes
+# how a run is started, not what it computes; `work_root`: where a sweep trial on a cluster keeps its run directory
+# (node-local scratch, harness.cluster.scratch_root), set by the trial, never by a user's configuration
+RUN_CONTROL_KEYS = ("overrides", "resume", "work_root")
 UNLOGGED_METRICS_FILE = "unlogged_metrics.jsonl"  # see harness.tracking (store unavailable)
 
 
@@ -37,9 +39,9 @@ def config_id(cfg: dict[str, Any]) -> str:
 
 
 def run_dir_of(cfg: dict[str, Any]) -> Path:
-    """``<run_root>/<run_name>/<config_id>``: runs that share a name but not a configuration never share
-    checkpoints."""
-    return Path(cfg["paths"]["run_root"]) / cfg["run_name"] / config_id(cfg)
+    """``<run_root>/<run_name>/<config_id>`` (``<work_root>/...`` for a cluster trial): runs that share a name but
+    not a configuration never share checkpoints."""
+    return Path(cfg.get("work_root") or cfg["paths"]["run_root"]) / cfg["run_name"] / config_id(cfg)
 
 
 def tokenizer_for(text_cfg: dict[str, Any]) -> str | None:

@@ -13,17 +13,25 @@ override starts a new one and never overwrites the old.
 
 Options:
   --dry-run             expand, compose and validate every trial, print the trial table, launch nothing
-  --num-cpus N          CPUs of the local Ray cluster (default: all); ignored when RAY_ADDRESS is set
+  --num-cpus N          CPUs of the local Ray cluster (default: all); ignored on an existing cluster
   --progress-every S    seconds between progress tables (default 30)
   --verbose             stream the trials' logs to this console (default: Ray's log files only)
   --no-report           do not write the sweep's report at the end (default: `harness report` runs on it, and its
                         folder <run_root>/reports/<sweep_id>/ is printed and logged to the parent run)
   --no-path-check       (validate) do not require the data / weights to exist on this machine
   --no-resource-check   launch even when one trial asks for more CPUs / GPUs than this machine has (by default such
-                        a sweep is refused before launch, exit 2; --dry-run only warns; skipped with RAY_ADDRESS)
+                        a sweep is refused before launch, exit 2; --dry-run only warns)
 
-RAY_ADDRESS=<head:port> runs on an existing cluster (run_root and data must then be on shared storage, and
-MLFLOW_TRACKING_URI should name a tracking server).
+Cluster mode (nodes that share no disk; README "Run on a cluster"):
+  --address HOST:PORT   join an existing Ray cluster (default $RAY_ADDRESS; none: a local cluster); the project
+                        code travels to the workers as the job's runtime_env (py_modules), the nodes need only
+                        the dependencies
+  --storage URL         Tune state and the trials' checkpoints (default $MOPE_STORAGE, else <run_root>/ray); an
+                        object-store URL (s3://BUCKET/PREFIX) makes trials work in node-local scratch ($MOPE_SCRATCH)
+  --shared-fs           every node mounts the same file system: allow local paths on a multi-node cluster
+  On a cluster of several nodes the sweep is refused (exit 2) while anything a trial reads or writes is a path on
+  this machine: MLFLOW_TRACKING_URI must name an MLflow tracking server (http://HOST:PORT), data.shard_dir
+  (MOPE_DATA_ROOT) and encoder weights URLs, --storage a URL. The resource check then uses the cluster's live nodes.
 Results: `mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///<run_root>/mlflow.db` (local only; the harness
 never starts a tracking server itself).
 """
@@ -103,13 +111,44 @@ def local_resources(num_cpus: int | None = None, *, need_gpus: bool = True) -> t
 
 def resource_problem(spec: SweepSpec, num_cpus: int | None = None) -> str | None:
     """Why the spec's trials can never be scheduled on the local cluster, or None (also None with RAY_ADDRESS: an
-    existing cluster's resources are only known once connected; Ray then reports the infeasible request)."""
+    existing cluster's resources are only known once connected, see :func:`cluster_problems`)."""
     if os.environ.get("RAY_ADDRESS"):
         return None
     r = spec.resources
     cpus, gpus = local_resources(num_cpus, need_gpus=bool(r.trial_gpus))
     where = f"the local cluster (--num-cpus {num_cpus})" if num_cpus else "this machine"
     return r.unschedulable_reason(cpus, gpus, where)
+
+
+def cluster_problems(
+    spec: SweepSpec,
+    trials: list[dict[str, Any]],
+    address: str,
+    storage: str | None,
+    *,
+    shared_fs: bool,
+    check_resources: bool = True,
+    verbose: bool = False,
+) -> list[str]:
+    """Connects to the cluster at `address` and says what would keep the sweep from running there: a trial that no
+    live node can hold, and (several nodes, no `shared_fs`) every path on this machine a trial would need."""
+    from harness.cluster import alive_nodes, cluster_resource_problem, local_path_problems
+    from harness.launch import ray_init, sweep_storage
+
+    ray_init(verbose=verbose, address=address)
+    nodes = alive_nodes()
+    out = []
+    if check_resources and (problem := cluster_resource_problem(spec.resources, nodes)):
+        out.append(problem)
+    if len(nodes) > 1 and not shared_fs:
+        cfg = trials[0]["cfg"]
+        found = local_path_problems(cfg, sweep_storage(cfg, storage))
+        if found:
+            out.append(
+                f"the cluster at {address} has {len(nodes)} nodes that share no disk with this machine (else pass "
+                "--shared-fs), but a trial would need:\n  - " + "\n  - ".join(found)
+            )
+    return out
 
 
 def header_lines(spec: SweepSpec, trials: list[dict[str, Any]]) -> list[str]:
@@ -194,7 +233,8 @@ def _split_args(argv: list[str], flags: dict[str, bool]) -> tuple[str | None, li
 
 
 def _help_exit(argv: list[str]) -> int | None:
-    """Prints the usage for no arguments / -h (exit code returned); otherwise sets the offline default and returns None."""
+    """Prints the usage for no arguments / -h (exit code returned); otherwise sets the offline default and returns
+    None."""
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
@@ -234,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         spec_path, overrides, opts = _split_args(
             argv,
             {
+                "address": True,
+                "storage": True,
+                "shared-fs": False,
                 "dry-run": False,
                 "num-cpus": True,
                 "progress-every": True,
@@ -251,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, ConfigValidationError) as e:
         print(f"harness sweep: {e}", file=sys.stderr)
         return 2
-    problem = None if opts.get("no-resource-check") else resource_problem(spec, int(num_cpus) if num_cpus else None)
+    address = opts.get("address") or os.environ.get("RAY_ADDRESS")
+    local_check = not opts.get("no-resource-check") and not address
+    problem = resource_problem(spec, int(num_cpus) if num_cpus else None) if local_check else None
     print("\n".join(header_lines(spec, trials)))
     if opts.get("dry-run"):
         print("\n".join(trial_table(trials)))
@@ -268,6 +313,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     from harness.launch import run_sweep
 
+    if address:
+        found = cluster_problems(
+            spec,
+            trials,
+            address,
+            opts.get("storage"),
+            shared_fs=bool(opts.get("shared-fs")),
+            check_resources=not opts.get("no-resource-check"),
+            verbose=bool(opts.get("verbose")),
+        )
+        if found:
+            for problem in found:
+                print(f"harness sweep: {spec.source or spec.name}: {problem}", file=sys.stderr)
+            return 2
     try:
         rc = run_sweep(
             spec,
@@ -275,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             num_cpus=int(opts["num-cpus"]) if opts.get("num-cpus") else None,
             progress_every_s=float(opts.get("progress-every") or 30.0),
             verbose=bool(opts.get("verbose")),
+            address=address,
+            storage=opts.get("storage"),
         )
     except KeyboardInterrupt:
         print(f"\nharness sweep: interrupted; run the same command again to resume {spec.sweep_id}", file=sys.stderr)

@@ -187,8 +187,8 @@ def load_adapter(model: FusionModel, adapter_dir: str | Path, *, check_config: b
         doc = _read_doc(d)
         if doc is None:
             raise AdapterMismatchError(
-                f"{d / ADAPTER_FILE} carries no model config, so it cannot be checked; pass check_config=False to load "
-                "it anyway (shapes are still checked)"
+                f"{d / ADAPTER_FILE} carries no model config, so it cannot be checked; "
+                "pass check_config=False to load it anyway (shapes are still checked)"
             )
         diffs = _diff(doc["model"], model.cfg.to_dict())
         saved_fp, now_fp = doc.get("frozen_fingerprints", {}), frozen_fingerprints(model)
@@ -202,7 +202,8 @@ def load_adapter(model: FusionModel, adapter_dir: str | Path, *, check_config: b
             raise AdapterMismatchError(
                 f"adapter {d} was saved for a different model configuration:\n  "
                 + "\n  ".join(diffs)
-                + "\nBuild the model from the adapter's config (mope.adapter_io.read_adapter_config) or pass matching overrides."
+                + "\nBuild the model from the adapter's config (mope.adapter_io.read_adapter_config) "
+                "or pass matching overrides."
             )
     state = _load_tensors(d / ADAPTER_FILE)
     expected = adapter_state_dict(model)

@@ -1,15 +1,15 @@
 """Prompt experts, static prompts, the mapper and the multimodal router: the trainable side of MoPE.
 
 Paper: "MoPE: Parameter-Efficient and Scalable Multimodal Fusion via Mixture of Prompt Experts" (arXiv 2403.10568).
-Reference implementation: songrise/MoPE (`models/swin.py`, PromptedSwinTransformerBlock.forward_mm_moe). The maths follow
-mope-reference.md §1.5 (router), §1.6 (prompts, mapper), §1.9 (importance loss), §1.10 (per-block pseudocode); where
-paper and code differ the behaviour is chosen by :class:`~mope.config.MoPEConfig` (§8).
+Reference implementation: songrise/MoPE (`models/swin.py`, PromptedSwinTransformerBlock.forward_mm_moe). The maths
+follow mope-reference.md §1.5 (router), §1.6 (prompts, mapper), §1.9 (importance loss), §1.10 (per-block
+pseudocode); where paper and code differ the behaviour is chosen by :class:`~mope.config.MoPEConfig` (§8).
 
 :class:`PromptGenerator` owns every trainable prompt tensor of one encoder. ``generator.bind(psi)`` returns a
 :class:`PromptPass`, the per-forward :class:`~mope.backbones.base.BlockPrompter` that the encoder adapter calls before
 each block; the pass records the routing scores of every routed block (Fig. 6 and 7 need them). The same class serves
-MoPE ([P_s, P_d, P_m]), every Table-2 ablation, the vanilla prompts of the baselines ([P_s] or [P_s, P_m], length L) and
-the complementary BERT's deep prompts (static only, l'=4, uniform ±0.3).
+MoPE ([P_s, P_d, P_m]), every Table-2 ablation, the vanilla prompts of the baselines ([P_s] or [P_s, P_m], length L)
+and the complementary BERT's deep prompts (static only, l'=4, uniform ±0.3).
 """
 
 from __future__ import annotations

@@ -242,7 +242,8 @@ def make_train_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1):
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------------------
 class EvalLoader:
-    """Each sample of ``split`` exactly once across ranks; ``len()`` batches on this rank, last one possibly smaller."""
+    """Each sample of ``split`` exactly once across ranks; ``len()`` batches on this rank, last one possibly
+    smaller."""
 
     def __init__(self, cfg: LoaderConfig, split: str, rank: int, world_size: int):
         check_rank(rank, world_size)

@@ -115,7 +115,7 @@ def _errorbar(ax, agg: pd.DataFrame, x: str, color: str, label: str, marker: str
 
 
 def _n_text(agg: pd.DataFrame) -> str:
-    ns = sorted(set(int(n) for n in agg["n"]))
+    ns = sorted({int(n) for n in agg["n"]})
     return f"n={ns[0]}" if len(ns) == 1 else f"n={min(ns)}–{max(ns)}"
 
 

@@ -174,7 +174,7 @@ def paper_tables(data: SweepData, metric: str) -> list[Table]:
         "mean ± std over our seeds on the dataset named in the header."
     )
     # Table 1: when the sweep has several methods
-    methods = [m for m in dict.fromkeys(runs["method.name"].dropna())]
+    methods = list(dict.fromkeys(runs["method.name"].dropna()))
     if len(methods) >= 3:
         rows = []
         t1 = runs.assign(

@@ -2,8 +2,8 @@
 
 MoPE (arXiv 2403.10568; reference code songrise/MoPE) conditions every layer of a frozen *main* encoder on per-instance
 prompt tokens. Following the VPT-deep convention the prompts of layer i **replace** the prompt slots left by layer i-1.
-We never fork the upstream models (timm, transformers). An adapter owns the frozen upstream module and drives it block by
-block; before each block it asks a :class:`BlockPrompter` for that block's prompt tokens. State moves as explicit
+We never fork the upstream models (timm, transformers). An adapter owns the frozen upstream module and drives it block
+by block; before each block it asks a :class:`BlockPrompter` for that block's prompt tokens. State moves as explicit
 arguments (no forward hooks: they break under activation checkpointing, see PEFT's lora/model.py comment).
 
 Block indices are global (0 .. num_blocks-1) across stages.
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-EncoderInputs = Union[Tensor, Mapping[str, Tensor]]
+EncoderInputs = Tensor | Mapping[str, Tensor]
 
 
 @runtime_checkable

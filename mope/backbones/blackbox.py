@@ -1,7 +1,8 @@
 """Complementary encoders used as black boxes (paper Table 5: BoW, frozen BERT, frozen GPT-2, ...).
 
 A black-box encoder is frozen and not prompt-tuned, so its features depend only on the input and the weights: they can
-be computed once per dataset and cached. :meth:`FrozenTextEncoder.weights_fingerprint` gives a stable key for that cache.
+be computed once per dataset and cached. :meth:`FrozenTextEncoder.weights_fingerprint` gives a stable key for that
+cache.
 
 Reference (songrise/MoPE ``models/bow.py``): BoW = BERT word embeddings, mean over the sequence, then a
 ``Linear(768, d)`` feature projector. Note the reference averages over **all** positions, padding included (it pads
@@ -97,7 +98,8 @@ class FrozenTextEncoder(nn.Module):
         return state_dict_fingerprint(self.encoder)
 
     def cache_key(self) -> str:
-        """Fingerprint of weights *and* feature definition (encoder class, its extra_repr such as the pool, out_dim)."""
+        """Fingerprint of weights *and* feature definition (encoder class, its extra_repr such as the pool,
+        out_dim)."""
         desc = f"{type(self.encoder).__qualname__}({self.encoder.extra_repr()})|out_dim={self.out_dim}"
         if self.pool is not None:
             desc += f"|pool={getattr(self.pool, '__qualname__', repr(self.pool))}"

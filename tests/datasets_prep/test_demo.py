@@ -1,5 +1,6 @@
 """The embedded demo (DigitGrid-VE) on a small configuration: correctness of labels and images, balance (text-only and
-image-only at chance), disjoint source digits, byte-identical rebuilds (shards and encoder), loader and timm round trip."""
+image-only at chance), disjoint source digits, byte-identical rebuilds (shards and encoder), loader and timm round
+trip."""
 
 from __future__ import annotations
 

@@ -54,7 +54,10 @@ def test_food101_deterministic_and_seeded_val(food101_raw, tmp_path):
     convert(food101_raw, tmp_path / "b", shard_size=4, skip_bad=False, val_size=3, min_shards=1)
     assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
     convert(food101_raw, tmp_path / "c", shard_size=4, skip_bad=False, val_size=3, min_shards=1, seed=5)
-    ids = lambda d: {json.loads(s["json"])["id"] for s in read_split(d / "val")}
+
+    def ids(d):
+        return {json.loads(s["json"])["id"] for s in read_split(d / "val")}
+
     assert len(ids(tmp_path / "c")) == 3
 
 

@@ -157,7 +157,7 @@ def test_unsafe_state_refused_before_writing(tmp_path):
     assert ck.list_checkpoints(tmp_path) == []
 
 
-# -- DeepSpeed (CPU accelerator, single process) -----------------------------------------------------------------------
+# -- DeepSpeed (CPU accelerator, single process) ----------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

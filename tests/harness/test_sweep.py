@@ -149,7 +149,7 @@ def test_progress_lines_eta():
     assert "2/2" in lines[2] and "0.6100" in lines[2] and "1/2" in lines[3] and "-/2" in lines[4]
 
 
-# -- Ray integration (marker `ray`: in the default run; alone: `pytest -m ray tests/harness/test_sweep.py`) ------------
+# -- Ray integration (marker `ray`: in the default run; alone: `pytest -m ray tests/harness/test_sweep.py`) -----------
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory) -> Path:
     """A small demo build (512/128/128 pairs, tiny encoder) as MOPE_DATA_ROOT/demo."""

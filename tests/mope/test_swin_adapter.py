@@ -109,7 +109,8 @@ def test_identity_dynamic_size_other_input():
 
 def naive_reference_block(blk, x, P, H, W, layout):
     """Literal port of songrise/MoPE PromptedSwinTransformerBlock.forward + PromptedWindowAttention.forward on timm's
-    modules: every prompt copy goes through qkv, bias/mask zero-padded with torch.cat, unfused softmax, mean over copies."""
+    modules: every prompt copy goes through qkv, bias/mask zero-padded with torch.cat, unfused softmax, mean over
+    copies."""
     attn = blk.attn
     B, _, C = x.shape
     shortcut = x
@@ -316,7 +317,8 @@ def test_swin_b_224_shapes_and_layout():
     assert lay.prompt_init_scale == pytest.approx(0.1846, abs=1e-4)
     assert a.attention_lengths(13) == [62] * 24
     assert all(b.shift_size == (0, 0) and b.window_size == (7, 7) for b in m.layers[3].blocks)  # 7x7: never shifts
-    # reference schedule: prompts at block 0 (shallow) and every routed block; stage-first blocks 2, 4, 22 run on carried ones
+    # reference schedule: prompts at block 0 (shallow) and every routed block; stage-first blocks 2, 4, 22 run on
+    # carried ones
     pr = ParamPrompter(lay.block_dims, P=13, blocks=set(range(24)) - (lay.stage_first_blocks - {0}))
     with torch.no_grad():
         tokens, n_prompts, stages = a.forward_tokens(images(1, size=224), pr)

@@ -1,4 +1,5 @@
-"""mope_data.loaders: streaming train loader, eval loader and few-shot loader with fake ranks and real worker processes.
+"""mope_data.loaders: streaming train loader, eval loader and few-shot loader with fake ranks and real worker
+processes.
 
 Tiny shards are written through datasets_prep.writer in a tmp dir (13 shards of 6 samples + one of 4, 8x8 PNGs).
 MUStARD audio + video frames: shards written by the converter from a synthetic replica (tests/datasets_prep).

@@ -4,7 +4,7 @@ names a fix, and that no traceback escapes.
 
 The README's "Bad input" table is generated from these cases' actual messages::
 
-    nice -n 19 .venv/bin/python -m tests.reliability.test_bad_inputs     # prints the markdown table (from the repo root)
+    nice -n 19 .venv/bin/python -m tests.reliability.test_bad_inputs  # prints the markdown table (from the repo root)
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # ------------------------------------------------------------------------------------------------------- helpers
 def _cli(fn: Callable[[list[str]], int], argv: list[str]) -> tuple[int, str]:
-    """Run a ``main(argv)`` in-process; (exit code, stdout + stderr). An exception is a failure (no traceback allowed)."""
+    """Run a ``main(argv)`` in-process; (exit code, stdout + stderr). An exception is a failure (no traceback
+    allowed)."""
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         try:
@@ -76,7 +77,7 @@ def snli_raw(
     src = root / "snli_raw"
     img = src / "Flickr30K" / "flickr30k_images"
     img.mkdir(parents=True, exist_ok=True)
-    for k, (iid, data) in enumerate((images or {"100": jpeg(1), "200": jpeg(2)}).items()):
+    for iid, data in (images or {"100": jpeg(1), "200": jpeg(2)}).items():
         (img / f"{iid}.jpg").write_bytes(data)
     train = train if train is not None else [_snli_line("100", 0), _snli_line("100", 1, "neutral")]
     test = test if test is not None else [_snli_line("200", 0, "contradiction")]

@@ -72,7 +72,7 @@ class _Outage:
         return getattr(self.client, name)
 
 
-# -- the store unavailable ----------------------------------------------------------------------------------------------
+# -- the store unavailable --------------------------------------------------------------------------------------------
 def test_sqlite_store_locked_for_a_while_the_run_keeps_training_and_ends_complete(
     small_demo, tmp_path, offline, caplog
 ):
@@ -202,7 +202,7 @@ def test_crash_while_metrics_are_buffered_loses_nothing_on_resume(small_demo, tm
     assert "cost/trainable_params" in client.get_run(tracker.run_id).data.metrics  # step-0 values too
 
 
-# -- checkpoints on a full or unwritable disk ---------------------------------------------------------------------------
+# -- checkpoints on a full or unwritable disk -------------------------------------------------------------------------
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES], ids=["disk_full", "unwritable"])
 def test_checkpoint_write_failure_is_named_and_the_previous_checkpoint_loads(
     small_demo, tmp_path, offline, monkeypatch, err
@@ -272,7 +272,7 @@ def test_fault_spec_is_validated(monkeypatch):
     assert faults.for_run("mope-k2-s0") == [] and len(faults.for_run("vanilla-k2-s0")) == 1
 
 
-# -- a trial's worker SIGKILLed mid-epoch, a NaN in the other trial (Ray) --------------------------------------------------
+# -- a trial's worker SIGKILLed mid-epoch, a NaN in the other trial (Ray) ---------------------------------------------
 def _sweep(spec: Path, cwd: Path, data_root: Path, run_root: Path, **env_extra: str) -> subprocess.CompletedProcess:
     env = {
         k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "HARNESS_FAULT_INJECT")

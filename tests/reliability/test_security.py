@@ -65,7 +65,7 @@ def test_shard_member_paths_cannot_write_outside_the_output_directory(tmp_path):
         _add(tar, "../escape.json", meta)
         _add(tar, str(abs_target), meta)
         _add(tar, "link.json", link="/etc/passwd")
-    before = {p for p in tmp_path.rglob("*")}
+    before = set(tmp_path.rglob("*"))
 
     rc, text = harness(["prep", "--verify", str(out)])
     assert rc == 2 and "'../escape.json'" in text and str(abs_target).lstrip("/") in text and "link.json" in text
@@ -89,7 +89,7 @@ def test_shard_member_paths_cannot_write_outside_the_output_directory(tmp_path):
 
     assert not abs_target.exists()
     assert not (out / "escape.json").exists() and not (out / "train" / "link.json").exists()
-    assert {p for p in tmp_path.rglob("*")} == before, "a shard reader wrote files"
+    assert set(tmp_path.rglob("*")) == before, "a shard reader wrote files"
 
 
 def test_no_shard_reader_extracts_to_disk():
