@@ -179,6 +179,27 @@ def restore_ray_checkpoint(checkpoint: Any, run_dir: str | Path) -> int | None:
     return step
 
 
+FAKE_GPUS_ENV = "HARNESS_FAKE_GPUS"
+
+
+def check_gpus() -> None:
+    """A trial that Ray gave GPUs must see them: on a node whose CUDA is broken (driver, a CPU build of torch) it would
+    otherwise train on the CPU, silently and many times slower. Raises RuntimeError (Tune retries it, maybe on
+    another node). ``HARNESS_FAKE_GPUS=1`` (tests only: logical GPUs, ``ray start --num-gpus``) computes on the CPU."""
+    import ray
+    import torch
+
+    ids = ray.get_gpu_ids()
+    if not ids or torch.cuda.is_available() or os.environ.get(FAKE_GPUS_ENV) == "1":
+        return
+    raise RuntimeError(
+        f"Ray gave this trial GPU(s) {ids} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}) on node "
+        f"{ray.get_runtime_context().get_node_id()[:12]}, but torch sees no CUDA device (torch {torch.__version__}, "
+        f"CUDA build {torch.version.cuda}): fix the node's driver or torch build, or ask for no GPUs "
+        f"(resources.gpus_per_worker=0); {FAKE_GPUS_ENV}=1 is for tests with logical GPUs only"
+    )
+
+
 def node_facts() -> dict[str, str]:
     """Where this trial runs: Ray node id, host, the GPUs Ray gave it (tags of the child run)."""
     import socket
@@ -196,6 +217,7 @@ def node_facts() -> dict[str, str]:
 __all__ = [
     "FORWARDED_ENV",
     "alive_nodes",
+    "check_gpus",
     "cluster_resource_problem",
     "is_url",
     "local_path_problems",

@@ -135,9 +135,10 @@ def _reporter(cfg: dict[str, Any], send, checkpoint_cls):
 
 def _restore(cfg: dict[str, Any], checkpoint, tracker, rank: int = 0) -> None:
     """Before the recipe resumes: the checkpoint Ray kept, back in this node's run directory; where the trial runs."""
-    from harness.cluster import node_facts, restore_ray_checkpoint
+    from harness.cluster import check_gpus, node_facts, restore_ray_checkpoint
     from harness.run_setup import run_dir_of
 
+    check_gpus()
     step = restore_ray_checkpoint(checkpoint, run_dir_of(cfg))
     if step is not None:
         log.info("trial %s: checkpoint of step %d restored from the sweep's storage", cfg["run_name"], step)
