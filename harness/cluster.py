@@ -64,6 +64,25 @@ def runtime_env() -> dict[str, Any]:
     return {"py_modules": modules, "excludes": ["__pycache__", "*.pyc"], "env_vars": env}
 
 
+def unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why the Ray cluster at ``host:port`` (or ``ray://host:port``) cannot be reached, or None; asked before
+    ``ray.init``, which otherwise retries for minutes. ``auto`` and other forms are left to Ray."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        return None
+    except OSError as e:
+        return (
+            f"cannot reach the Ray cluster at {address} ({type(e).__name__}: {e}): start its head with `ray start "
+            "--head --port PORT`, or fix --address / RAY_ADDRESS (host:port of the head's GCS, default port 6379)"
+        )
+
+
 def alive_nodes() -> list[dict[str, Any]]:
     """``ray.nodes()`` of the live nodes (needs ``ray.init``)."""
     import ray
@@ -226,4 +245,5 @@ __all__ = [
     "restore_ray_checkpoint",
     "runtime_env",
     "scratch_root",
+    "unreachable",
 ]

@@ -132,9 +132,11 @@ def cluster_problems(
 ) -> list[str]:
     """Connects to the cluster at `address` and says what would keep the sweep from running there: a trial that no
     live node can hold, and (several nodes, no `shared_fs`) every path on this machine a trial would need."""
-    from harness.cluster import alive_nodes, cluster_resource_problem, local_path_problems
+    from harness.cluster import alive_nodes, cluster_resource_problem, local_path_problems, unreachable
     from harness.launch import ray_init, sweep_storage
 
+    if problem := unreachable(address):
+        return [problem]
     ray_init(verbose=verbose, address=address)
     nodes = alive_nodes()
     out = []

@@ -435,6 +435,7 @@ def test_a_trial_stopped_by_ray_or_ctrl_c_is_killed_not_failed(monkeypatch, stop
     monkeypatch.setattr(recipe, "open_tracker", lambda *a, **kw: Tracker())
     monkeypatch.setattr(recipe, "train", interrupted)
     monkeypatch.setattr(launch, "finished_child_metrics", lambda cfg, key: None)
+    monkeypatch.setattr(launch, "_restore", lambda *a, **kw: None)  # Ray's checkpoint and node: none outside Ray
     trial = {
         "cfg": {"trainer": {"epochs": 2}},
         "trial_key": "s/p/0",

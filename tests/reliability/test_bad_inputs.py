@@ -15,6 +15,7 @@ import pickle
 import re
 import tarfile
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
@@ -648,7 +649,8 @@ def test_bad_input(case: Case, tmp_path: Path, monkeypatch):
 
 
 def test_explicit_cluster_or_flag_skips_the_resource_check(tmp_path, monkeypatch):
-    """RAY_ADDRESS (an existing cluster) and --no-resource-check skip the refusal; --dry-run only warns."""
+    """--no-resource-check skips the refusal; --dry-run only warns; RAY_ADDRESS (an existing cluster) replaces the
+    local check by the cluster's (tests/cluster), and a cluster that cannot be reached is named at once."""
     body = SPEC.replace("{workers: 1, cpus_per_worker: 1}", "{workers: 4, cpus_per_worker: 16}")
     rc, text = harness(["sweep", str(spec_file(tmp_path, body)), "--dry-run", "--num-cpus", "2"])
     assert rc == 0 and "warning: resources: a trial needs 64 CPUs" in text and "run_name" in text
@@ -657,9 +659,17 @@ def test_explicit_cluster_or_flag_skips_the_resource_check(tmp_path, monkeypatch
 
     monkeypatch.setattr(launch, "run_sweep", lambda *a, **k: launched.append(1) or 0)
     assert harness(["sweep", str(tmp_path / "spec.yaml"), "--no-report", "--no-resource-check"])[0] == 0
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    assert harness(["sweep", str(tmp_path / "spec.yaml"), "--no-report"])[0] == 0
-    assert launched == [1, 1]
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    t0 = time.perf_counter()
+    rc, text = harness(["sweep", str(tmp_path / "spec.yaml"), "--no-report"])
+    assert rc == 2 and f"cannot reach the Ray cluster at 127.0.0.1:{port}" in text and "ray start --head" in text
+    assert time.perf_counter() - t0 < 30  # not Ray's minutes of reconnecting
+    assert launched == [1]
 
 
 def test_non_utf8_text_and_split_leak_are_counted_and_printed(tmp_path):
