@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mope_data.format import is_url  # the one definition (URL vs local path), re-exported here
+
 # Settings every process of a sweep must see alike; forwarded from the driver to the workers (never credentials).
 FORWARDED_ENV = (
     "HF_HUB_OFFLINE",
@@ -46,11 +48,6 @@ FORWARDED_ENV = (
 PACKAGES = ("harness", "mope", "mope_data", "datasets_prep", "reports")
 SCRATCH_ENV = "MOPE_SCRATCH"
 RAY_CKPT_META = "harness_checkpoint.json"
-
-
-def is_url(path: Any) -> bool:
-    """True for ``scheme://...`` locations (object stores, web servers); False for local paths."""
-    return "://" in str(path) and not str(path).startswith("file://")
 
 
 def runtime_env() -> dict[str, Any]:
@@ -141,9 +138,14 @@ def local_path_problems(cfg: dict[str, Any], storage: str) -> list[str]:
 
 def scratch_root(sweep_id: str) -> Path:
     """The node-local directory where a trial works (checkpoints before Ray uploads them, the best adapter):
-    ``$MOPE_SCRATCH/<sweep_id>``, default ``<tmp>/mope-harness/<sweep_id>``. Never shared between nodes."""
+    ``$MOPE_SCRATCH/<node id>/<sweep_id>``, default ``<tmp>/mope-harness/...``. Named by the Ray node, so that two
+    nodes never share it even when ``$MOPE_SCRATCH`` is on a shared mount: what a trial resumes from on another node
+    is what Ray kept in the sweep's storage."""
+    import ray
+
     base = os.environ.get(SCRATCH_ENV) or os.path.join(tempfile.gettempdir(), "mope-harness")
-    return Path(base).expanduser().resolve() / sweep_id
+    node = ray.get_runtime_context().get_node_id()[:16]
+    return Path(base).expanduser().resolve() / f"node-{node}" / sweep_id
 
 
 def _link_tree(src: Path, dst: Path) -> None:

@@ -55,6 +55,31 @@ def _register_model_defaults() -> None:
     )
 
 
+def _absolute(path: Any) -> str:
+    """A local path made absolute (Ray / Tune change the working directory); a URL (``s3://...``) kept as given."""
+    from mope_data.format import is_url
+
+    return str(path).rstrip("/") if is_url(path) else str(Path(path).expanduser().resolve())
+
+
+def _remote_exists(key: str, url: str, what: str) -> None:
+    """``url`` must exist on its store; a ConfigValidationError naming the URL and the fix otherwise."""
+    from mope_data.format import ShardFormatError, exists, is_file
+
+    try:
+        ok = is_file(url) if what == "file" else exists(url)
+    except ShardFormatError as e:
+        raise ConfigValidationError(f"{key}: {e}") from None
+    if not ok:
+        fix = (
+            "upload the shards with `harness prep NAME ... --out <the dataset URL>` (or fix the URL / "
+            "AWS_ENDPOINT_URL)"
+            if what == "file"
+            else "upload the weights directory there (config.json + model.safetensors) or point it at local weights"
+        )
+        raise ConfigValidationError(f"{key}: {url} does not exist on its object store / server: {fix}")
+
+
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> dict[str, Any]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
@@ -72,12 +97,12 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "tra
     assert isinstance(plain, dict)
     paths = plain["paths"]
     for key in ("root", "data_root", "run_root"):
-        paths[key] = str(Path(paths[key]).expanduser().resolve())
-    plain["data"]["shard_dir"] = str(Path(plain["data"]["shard_dir"]).expanduser().resolve())
+        paths[key] = _absolute(paths[key])
+    plain["data"]["shard_dir"] = _absolute(plain["data"]["shard_dir"])
     for side in ("vision", "text"):
         w = plain[side].get("weights")
         if w:
-            plain[side]["weights"] = str(Path(w).expanduser().resolve())
+            plain[side]["weights"] = _absolute(w)
     plain["overrides"] = list(overrides)
     return plain
 
@@ -308,8 +333,13 @@ def validate(cfg: dict[str, Any], *, check_paths: bool = True) -> FusionConfig:
             f"data.shots={shots!r} must be a positive integer (total training examples) or null"
         )
     if check_paths:
-        shard_dir = Path(cfg["data"]["shard_dir"])
-        if not shard_dir.is_dir() and not cfg["data"].get("auto_prepare"):
+        from mope_data.format import is_url, join
+
+        remote = is_url(cfg["data"]["shard_dir"])
+        shard_dir = cfg["data"]["shard_dir"] if remote else Path(cfg["data"]["shard_dir"])
+        if remote:  # never built here: the remote train manifest must be there
+            _remote_exists("data.shard_dir", str(join(shard_dir, "train", "manifest.json")), "file")
+        elif not shard_dir.is_dir() and not cfg["data"].get("auto_prepare"):
             raise ConfigValidationError(
                 f"data.shard_dir={shard_dir} does not exist: run `harness prep {cfg['data']['name']} --src RAW "
                 f"--out {shard_dir}` or set data.shard_dir / MOPE_DATA_ROOT"
@@ -321,8 +351,10 @@ def validate(cfg: dict[str, Any], *, check_paths: bool = True) -> FusionConfig:
         )
         for side in (m for m in ("vision", "text", "audio", "video") if m in used):  # an unused encoder is never built
             w = cfg[side].get("weights")
-            auto = cfg["data"].get("auto_prepare") and str(w or "").startswith(str(shard_dir))
-            if w and not Path(w).exists() and not auto:
+            auto = cfg["data"].get("auto_prepare") and not remote and str(w or "").startswith(str(shard_dir))
+            if w and is_url(w):
+                _remote_exists(f"{side}.weights", str(w), "dir")
+            elif w and not Path(w).exists() and not auto:
                 raise ConfigValidationError(f"{side}.weights={w} does not exist: point it at local weights or null")
     return fcfg
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mope_data.format import sha256_file
+from mope_data.format import sha256_file, split_manifests
 
 log = logging.getLogger("harness.worker")  # the logger name training logs have always carried
 
@@ -20,9 +20,10 @@ log = logging.getLogger("harness.worker")  # the logger name training logs have 
 class FeatureCache:
     """Per-sample features of a frozen, un-prompted complementary encoder, computed once per (encoder, dataset).
 
-    Stored beside the shards under ``feature_cache/<key>/<split>.safetensors`` (a (N, d) matrix + the sample keys in
-    the metadata), where key = sha256(encoder cache key + every split manifest's sha256 + tokenizer settings), so
-    every trial of a sweep reuses it and a changed encoder or dataset gets a new entry.
+    Stored beside local shards (``root``: the shard directory; for remote shards the node-local cache,
+    :func:`harness.node_cache.feature_cache_root`) under ``feature_cache/<key>/<split>.safetensors`` (a (N, d)
+    matrix + the sample keys in the metadata), where key = sha256(encoder cache key + every split manifest's sha256
+    + tokenizer settings), so every trial of a sweep reuses it and a changed encoder or dataset gets a new entry.
     """
 
     def __init__(self, root: Path, key: str):
@@ -31,7 +32,7 @@ class FeatureCache:
         self.feats: dict[str, torch.Tensor] = {}
 
     @staticmethod
-    def key_for(model, shard_dir: Path, lcfg) -> str:
+    def key_for(model, shard_dir: str | Path, lcfg) -> str:
         import hashlib
 
         from mope.backbones.blackbox import state_dict_fingerprint
@@ -39,7 +40,7 @@ class FeatureCache:
         h = hashlib.sha256(state_dict_fingerprint(model.comp_encoder).encode())
         h.update(f"{type(model.comp_encoder).__name__}|{getattr(model.comp_encoder, 'pool', '')}".encode())
         h.update(f"{lcfg.tokenizer}|{lcfg.max_text_len}".encode())
-        for m in sorted(shard_dir.glob("*/manifest.json")):
+        for m in split_manifests(shard_dir):  # local or remote (URL) shard directory
             h.update(sha256_file(m).encode())
         return h.hexdigest()[:24]
 

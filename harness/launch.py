@@ -439,11 +439,17 @@ def _trial_dirname(trial) -> str:
 def prepare_shared_inputs(cfgs: list[dict[str, Any]]) -> None:
     """Once on the driver, before any trial starts: build the embedded demo when missing (`data.auto_prepare`) and
     fill its feature cache for black-box complementary encoders (so concurrent trials do not all compute it), and
-    write the few-shot subset manifests the trials' `data.shots` need (nested per subset seed; idempotent)."""
+    write the few-shot subset manifests the trials' `data.shots` need (nested per subset seed; idempotent).
+
+    A remote `data.shard_dir` (a URL) is read-only here: its few-shot subsets must already be there (built on the
+    local copy before the upload; a clear error says so otherwise) and its feature cache goes to the node-local cache
+    (`harness.node_cache`)."""
     from datasets_prep.fewshot import build_fewshot
     from harness.compose import fusion_config
     from harness.feature_cache import FeatureCache
+    from harness.node_cache import feature_cache_root, localize_weights
     from harness.run_setup import loader_config, prepare_data
+    from mope_data.format import MissingShardsError, ShardFormatError, is_url, join, read_fewshot
 
     for cfg in cfgs:
         if cfg["data"].get("auto_prepare"):
@@ -455,7 +461,21 @@ def prepare_shared_inputs(cfgs: list[dict[str, Any]]) -> None:
             key = (d["shard_dir"], int(d.get("shots_seed", 0)), bool(d.get("shots_stratified", False)))
             shots.setdefault(key, set()).add(int(d["shots"]))
     for (shard_dir, seed, stratified), sizes in shots.items():
-        build_fewshot(Path(shard_dir) / "train", sorted(sizes), seed=seed, stratified=stratified)
+        if not is_url(shard_dir):
+            build_fewshot(Path(shard_dir) / "train", sorted(sizes), seed=seed, stratified=stratified)
+            continue
+        for n in sorted(sizes):  # remote shards are never written by a sweep: the subsets must have been uploaded
+            try:
+                read_fewshot(join(shard_dir, "train"), n, seed, stratified)
+            except ShardFormatError as e:
+                what = "missing" if isinstance(e, MissingShardsError) else "stale or unreadable"
+                raise MissingShardsError(
+                    f"data.shots={n}: the few-shot subset of {shard_dir} is {what} ({e}). Build the few-shot subsets "
+                    f"on the local build before uploading (`harness prep --fewshot LOCAL_DIR --split train --shots "
+                    f"{','.join(map(str, sorted(sizes)))} --seed {seed}{' --stratified' if stratified else ''}`), "
+                    f"then upload it again (`harness prep NAME ... --out {shard_dir}` or "
+                    "datasets_prep.upload.upload_dataset)"
+                ) from None
 
     seen: set[tuple[str, str]] = set()
     for cfg in cfgs:
@@ -473,13 +493,13 @@ def prepare_shared_inputs(cfgs: list[dict[str, Any]]) -> None:
 
         from mope import build_model
 
-        model = build_model(fusion_config(cfg))
+        model = build_model(fusion_config(localize_weights(cfg)))  # weights given as URLs: node-local copies
         if model.comp_is_blackbox:
             threads = torch.get_num_threads()
             torch.set_num_threads(os.cpu_count() or 1)
             try:
                 lcfg = loader_config(cfg, shard_dir)
-                FeatureCache(shard_dir, FeatureCache.key_for(model, shard_dir, lcfg)).build(
+                FeatureCache(feature_cache_root(shard_dir), FeatureCache.key_for(model, shard_dir, lcfg)).build(
                     model, lcfg, ["train", "val", "test"], rank=0, world_size=1
                 )
             finally:

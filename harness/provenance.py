@@ -9,6 +9,7 @@ or recorded as unknown with the reason).
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import platform
 import shutil
@@ -20,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mope_data.format import sha256_file
+from mope_data.format import MissingShardsError, is_url, read_bytes, sha256_file
 
 # Distribution names (as pip knows them), reported whether or not they are imported.
 PACKAGES = (
@@ -103,6 +104,13 @@ def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:
 def manifest_checksums(manifests: Iterable[str | Path]) -> list[dict[str, Any]]:
     out = []
     for m in manifests:
+        if is_url(m):  # a remote manifest: hashed as streamed, its URL recorded
+            try:
+                data = read_bytes(m, "dataset manifest")
+            except MissingShardsError:
+                raise FileNotFoundError(f"dataset manifest {m} not found (provenance needs its checksum)") from None
+            out.append({"path": str(m), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+            continue
         p = Path(m).expanduser().resolve()
         if not p.is_file():
             raise FileNotFoundError(f"dataset manifest {p} not found (provenance needs its checksum)")

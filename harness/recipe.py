@@ -137,8 +137,9 @@ def log_run_artifacts(tracker, cfg: dict[str, Any]) -> None:
     import yaml
 
     from harness.provenance import provenance
+    from mope_data.format import split_manifests
 
-    manifests = sorted(Path(cfg["data"]["shard_dir"]).glob("*/manifest.json"))
+    manifests = split_manifests(cfg["data"]["shard_dir"])  # local paths or URLs (recorded as such)
     tracker.log_dict(provenance(manifests), "provenance.json")
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "config.yaml"
@@ -228,8 +229,10 @@ class TrainingRun:
         seed_everything(seed + 1000 * self.rank)
         self.run_dir = run_dir_of(cfg)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.shard_dir = prepare_data(cfg)
-        fcfg = fusion_config(cfg)
+        self.shard_dir = prepare_data(cfg)  # a Path, or the URL of remote shards
+        from harness.node_cache import localize_weights
+
+        fcfg = fusion_config(localize_weights(cfg))  # encoder weights given as URLs: node-local copies
         check_modalities(fcfg, self.shard_dir)
         seed_everything(seed)  # identical initial adapter on every rank
         self.model = build_model(fcfg)
@@ -254,7 +257,10 @@ class TrainingRun:
         self.test_loader = make_eval_loader(lcfg, "test", rank, world)
         self.cache: FeatureCache | None = None
         if self.model.comp_is_blackbox:
-            self.cache = FeatureCache(self.shard_dir, FeatureCache.key_for(self.model, self.shard_dir, lcfg))
+            from harness.node_cache import feature_cache_root
+
+            key = FeatureCache.key_for(self.model, self.shard_dir, lcfg)
+            self.cache = FeatureCache(feature_cache_root(self.shard_dir), key)
             self.cache.build(self.model, lcfg, ["train", "val", "test"], rank=rank, world_size=world)
 
     def _build_engine(self) -> None:
@@ -483,7 +489,8 @@ class TrainingRun:
         wall = time.perf_counter() - self.t_run
         return {
             "perf/train_samples_per_s": self.samples_total / max(self.step_time_total, 1e-9),
-            "perf/data_wait_frac": self.data_wait_total / max(self.step_time_total, 1e-9),
+            # whole run; its own key, since the windowed perf/data_wait_frac is logged at the same last step
+            "perf/run_data_wait_frac": self.data_wait_total / max(self.step_time_total, 1e-9),
             "perf/wall_s": wall,
             "perf/peak_mem_mb": _peak_mem_mb(),
         }

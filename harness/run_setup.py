@@ -52,8 +52,26 @@ def tokenizer_for(text_cfg: dict[str, Any]) -> str | None:
     return None  # the loader's default: the offline MiniLM tokenizer (same 30,522-token uncased vocab as BERT-base)
 
 
-def prepare_data(cfg: dict[str, Any]) -> Path:
+def prepare_data(cfg: dict[str, Any]) -> Path | str:
+    """The run's shard directory, checked: a local one (built first for the demo with ``data.auto_prepare``) as a
+    Path; a remote one (``s3://...``, ``http(s)://...``) as its URL string, never built here (its
+    ``train/manifest.json`` must exist: uploaded by ``harness prep NAME ... --out URL``)."""
+    from mope_data.format import MissingShardsError, ShardFormatError, is_file, is_url, join
+
     d = cfg["data"]
+    if is_url(d["shard_dir"]):
+        url = str(d["shard_dir"]).rstrip("/")
+        manifest = join(url, "train", "manifest.json")
+        try:
+            ok = is_file(manifest)
+        except ShardFormatError as e:
+            raise MissingShardsError(f"data.shard_dir={url}: {e}") from None
+        if not ok:
+            raise MissingShardsError(
+                f"data.shard_dir={url}: no train/manifest.json at {manifest}; upload the shards with "
+                f"`harness prep {d['name']} ... --out {url}` (remote shards are never built by a run)"
+            )
+        return url
     shard_dir = Path(d["shard_dir"])
     if d["name"] == "demo" and d.get("auto_prepare") and not (shard_dir / "dataset.json").is_file():
         # build only when nothing is there: an existing build (maybe a custom-sized one) is never replaced here
@@ -68,7 +86,7 @@ def prepare_data(cfg: dict[str, Any]) -> Path:
     return shard_dir
 
 
-def loader_config(cfg: dict[str, Any], shard_dir: Path):
+def loader_config(cfg: dict[str, Any], shard_dir: Path | str):
     from mope_data import LoaderConfig
 
     d, tr = cfg["data"], cfg["trainer"]
@@ -98,7 +116,7 @@ class DataMismatchError(ValueError):
 SHARD_MODALITY = {"vision": "image", "text": "text", "audio": "audio", "video": "video"}
 
 
-def check_modalities(fcfg, shard_dir: Path) -> None:
+def check_modalities(fcfg, shard_dir: Path | str) -> None:
     """Before any model is built: every modality the method reads must be in the shards (manifest ``modalities``)."""
     from mope.methods import METHODS, reads_complementary
     from mope_data import dataset_info

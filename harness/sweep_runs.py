@@ -89,44 +89,56 @@ def open_parent_run(spec, cfg: dict[str, Any], trials: list[dict[str, Any]]):
 def _client_and_experiment(cfg: dict[str, Any]):
     from mlflow.tracking import MlflowClient
 
+    from harness.tracking import limit_http_retries
+
     uri, experiment = tracking_target(cfg)
+    limit_http_retries(uri)
     client = MlflowClient(tracking_uri=uri)
     return client, client.get_experiment_by_name(experiment)
 
 
 def finished_child_metrics(cfg: dict[str, Any], trial_key: str) -> dict[str, float] | None:
-    """The latest metrics of this trial's child run when it is FINISHED, else None."""
-    from harness.tracking import TRIAL_KEY_TAG
+    """The latest metrics of this trial's child run when it is FINISHED, else None (waits for a store that is
+    down, :func:`harness.tracking.wait_for_store`)."""
+    from harness.tracking import TRIAL_KEY_TAG, wait_for_store
 
-    client, exp = _client_and_experiment(cfg)
-    if exp is None:
+    def read() -> dict[str, float] | None:
+        client, exp = _client_and_experiment(cfg)
+        if exp is None:
+            return None
+        runs = client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`{TRIAL_KEY_TAG}` = '{trial_key}'", max_results=10
+        )
+        for r in runs:
+            if r.info.status == "FINISHED":
+                return dict(r.data.metrics)
         return None
-    runs = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{TRIAL_KEY_TAG}` = '{trial_key}'", max_results=10
-    )
-    for r in runs:
-        if r.info.status == "FINISHED":
-            return dict(r.data.metrics)
-    return None
+
+    return wait_for_store(read, f"looking up the run of trial {trial_key}")
 
 
 def sweep_children(cfg: dict[str, Any], sweep_id: str) -> list[Any]:
-    """All child runs of a sweep (any status)."""
-    client, exp = _client_and_experiment(cfg)
-    if exp is None:
-        return []
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            [exp.experiment_id],
-            filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`harness.role` = 'trial'",
-            max_results=1000,
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+    """All child runs of a sweep (any status; waits for a store that is down)."""
+    from harness.tracking import wait_for_store
+
+    def read() -> list[Any]:
+        client, exp = _client_and_experiment(cfg)
+        if exp is None:
+            return []
+        runs, token = [], None
+        while True:
+            page = client.search_runs(
+                [exp.experiment_id],
+                filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`harness.role` = 'trial'",
+                max_results=1000,
+                page_token=token,
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    return wait_for_store(read, f"listing the child runs of sweep {sweep_id}")
 
 
 # -- after Tune: the closing lines ------------------------------------------------------------------------------------

@@ -21,8 +21,22 @@ Design (``shared/docs/architecture.md`` §5, §7 and pitfalls 8–10):
 
 The default store is a local SQLite file (``sqlite:///<run_dir>/mlflow.db``) with artifacts in
 ``<run_dir>/mlartifacts``; ``mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///<run_dir>/mlflow.db`` shows runs
-and artifacts. ``MLFLOW_TRACKING_URI`` overrides it (a tracking server for clusters: a SQLite file on a shared FS is
-not safe for many writers).
+and artifacts. ``MLFLOW_TRACKING_URI`` (or ``tracking.uri``) overrides it (a tracking server for clusters: a SQLite
+file on a shared FS is not safe for many writers).
+
+Over HTTP (``http://HOST:PORT``, an ``mlflow server`` started with ``--artifacts-destination``): the harness sets no
+artifact location, so new experiments get the server's ``mlflow-artifacts:/<id>`` root and every artifact (config,
+provenance, adapter, the sweep's spec and report) is uploaded through the server, never written to a path of the
+process that logs it. MLflow's own HTTP retries (MLflow 3.17: ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` = 7,
+``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR`` = 2, ``MLFLOW_HTTP_REQUEST_BACKOFF_JITTER`` = 1.0,
+``MLFLOW_HTTP_REQUEST_TIMEOUT`` = 120 s) would block one training step for minutes while the server is down, so
+:func:`limit_http_retries` (called by :meth:`MLflowTracker.open` for an http(s) URI) lowers them to
+:data:`HTTP_CLIENT_LIMITS` (2 retries, factor 1, jitter 0.5 s, 10 s per request) *unless the environment already sets
+them* (the user's values win; they are process-wide and inherited by child processes). A stopped or restarting
+server (connection refused) then costs a failed call ~2.5 s, an unreachable host at most 3 × 10 s + 2.5 s, and the
+tracker's own buffer (above) takes over: after a failed call, logging only buffers until the next retry time. Opening
+a run also waits for the store (up to ``HARNESS_MLFLOW_RETRY_S``), searching for the trial's run again before it
+creates one, so a retried request cannot create a duplicate run.
 """
 
 from __future__ import annotations
@@ -89,6 +103,9 @@ def is_transient_store_error(e: BaseException) -> bool:
     text = str(e).lower()
     if code in _TRANSIENT_CODES or any(t in text for t in _TRANSIENT_TEXT) or _HTTP_5XX.search(text):
         return True
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(status, int):  # requests.HTTPError (an artifact upload/download through the server)
+        return status >= 500 or status == 429
     mod = type(e).__module__
     return mod.startswith(("sqlalchemy", "requests", "urllib3")) and "integrity" not in type(e).__name__.lower()
 
@@ -101,6 +118,60 @@ def retry_budget_s() -> float:
         raise ValueError(
             f"HARNESS_MLFLOW_RETRY_S={os.environ['HARNESS_MLFLOW_RETRY_S']!r} is not a number of seconds"
         ) from None
+
+
+# MLflow's HTTP client limits while the harness tracks through a server (see the module docstring); a variable the
+# environment already sets is left alone. Read by MLflow on every request (mlflow/utils/rest_utils.py http_request).
+HTTP_CLIENT_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+def is_http_uri(uri: str | None) -> bool:
+    """True for a tracking server URI (``http://`` / ``https://``)."""
+    return bool(uri) and str(uri).lower().startswith(("http://", "https://"))
+
+
+def limit_http_retries(tracking_uri: str | None) -> dict[str, str]:
+    """For an http(s) `tracking_uri`: sets :data:`HTTP_CLIENT_LIMITS` in ``os.environ`` where the environment does not
+    set them already; returns the values in effect (``{}`` for other stores, which are left alone)."""
+    if not is_http_uri(tracking_uri):
+        return {}
+    for k, v in HTTP_CLIENT_LIMITS.items():
+        os.environ.setdefault(k, v)
+    return {k: os.environ[k] for k in HTTP_CLIENT_LIMITS}
+
+
+def wait_for_store(fn: Callable[[], Any], what: str, budget_s: float | None = None) -> Any:
+    """Returns ``fn()``, calling it again with backoff (1, 2, 4 … 30 s) while it fails with a transient store error
+    (:func:`is_transient_store_error`), for up to `budget_s` (default :func:`retry_budget_s`); then the last error
+    propagates. For calls that cannot be buffered: opening a run, the driver's reads. `fn` must be safe to repeat."""
+    deadline = time.monotonic() + (retry_budget_s() if budget_s is None else budget_s)
+    delay, down_since = 1.0, None
+    while True:
+        try:
+            out = fn()
+        except Exception as e:
+            if not is_transient_store_error(e) or time.monotonic() >= deadline:
+                raise
+            if down_since is None:
+                down_since = time.monotonic()
+                log.warning(
+                    "MLflow store unavailable %s (%s: %s); retrying for up to %.0f s",
+                    what,
+                    type(e).__name__,
+                    (str(e).splitlines() or [""])[0][:200],
+                    deadline - time.monotonic(),
+                )
+            time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+            delay = min(delay * 2, 30.0)
+            continue
+        if down_since is not None:
+            log.warning("MLflow store is back after %.0f s (%s)", time.monotonic() - down_since, what)
+        return out
 
 
 @runtime_checkable
@@ -361,9 +432,29 @@ class MLflowTracker:
 
         if "'" in trial_key:
             raise ValueError(f"trial_key must not contain a single quote (MLflow filter syntax): {trial_key!r}")
+        limit_http_retries(tracking_uri)
         client = MlflowClient(tracking_uri=tracking_uri)
         if artifact_location is None:
             artifact_location = default_artifact_location(tracking_uri)
+        # the store may be down (a server restarting): wait for it; every try searches for the trial's run again
+        # before creating it, so a create whose answer was lost is resumed, not duplicated
+        return wait_for_store(
+            lambda: cls._open(client, experiment, run_name, trial_key, parent_run_id, tags, params, artifact_location),
+            f"opening the run of trial {trial_key}",
+        )
+
+    @classmethod
+    def _open(
+        cls,
+        client: Any,
+        experiment: str,
+        run_name: str,
+        trial_key: str,
+        parent_run_id: str | None,
+        tags: Mapping[str, Any] | None,
+        params: Mapping[str, Any] | None,
+        artifact_location: str | None,
+    ) -> MLflowTracker:
         exp_id = ensure_experiment(client, experiment, artifact_location)
         found = client.search_runs(
             [exp_id],
@@ -680,6 +771,7 @@ def make_tracker(
 
 
 __all__ = [
+    "HTTP_CLIENT_LIMITS",
     "MLflowTracker",
     "NoopTracker",
     "ParamConflictError",
@@ -690,6 +782,9 @@ __all__ = [
     "default_tracking_uri",
     "ensure_experiment",
     "flatten_config",
+    "is_http_uri",
     "is_transient_store_error",
+    "limit_http_retries",
     "make_tracker",
+    "wait_for_store",
 ]

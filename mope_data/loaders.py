@@ -52,20 +52,32 @@ Evaluation: no resampling, no shuffling, no drop-last. With ``num_shards >= worl
 (manifest order) is ``rank`` mod ``world_size``. Either way each sample is read exactly once across ranks. Batches
 have ``batch_size`` samples except the last one of each rank. ``len(loader)`` and ``loader.num_samples`` are exact.
 
+Locations: ``data_dir`` is a local directory or a URL (``s3://bucket/prefix``, ``http(s)://...``; see
+:mod:`mope_data.format`): shards are streamed from where they are (never copied whole to disk) and each shard's sha256
+is checked against ``manifest.json`` as it is read (:class:`mope_data.pipeline.TarSamples`).
+
 Decoding and transforms per dataset: :mod:`mope_data.transforms`.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
 from .config import LoaderConfig
-from .format import DatasetInfo, dataset_info, read_fewshot, read_manifest, read_samples, shard_paths
+from .format import (
+    DatasetInfo,
+    dataset_info,
+    join,
+    read_fewshot,
+    read_manifest,
+    read_samples,
+    shard_digests,
+    shard_paths,
+)
 from .pipeline import (
     Listed,
     MapStage,
@@ -73,6 +85,7 @@ from .pipeline import (
     Rebatch,
     SelectByIndex,
     ShardList,
+    TarSamples,
     WorkerShuffle,
     check_rank,
     loader_kwargs,
@@ -123,7 +136,7 @@ class StreamingTrainLoader(EpochIterable):
     def __init__(self, cfg: LoaderConfig, info: DatasetInfo, rank: int, world_size: int):
         super().__init__()
         check_rank(rank, world_size)
-        split_dir = Path(cfg.data_dir) / cfg.train_split
+        split_dir = join(cfg.data_dir, cfg.train_split)
         m = read_manifest(split_dir)
         urls = shard_paths(split_dir, m)
         if len(urls) < world_size:
@@ -140,7 +153,7 @@ class StreamingTrainLoader(EpochIterable):
         self.source = RankResampledShards(self.rank_shards, seed=cfg.seed, rank=rank)
         self.dataset = wds.DataPipeline(
             self.source,
-            wds.tarfile_to_samples(handler=wds.reraise_exception),
+            TarSamples(shard_digests(split_dir, m)),
             WorkerShuffle(cfg.shuffle_buffer, cfg.seed, rank, self.source),
             MapStage(SampleProcessor(cfg, info, train=True)),
             Listed(max(1, min(cfg.inner_batch, cfg.batch_size)), partial=False),
@@ -198,7 +211,7 @@ class FewShotTrainLoader(EpochIterable):
     def __init__(self, cfg: LoaderConfig, info: DatasetInfo, rank: int, world_size: int):
         super().__init__()
         check_rank(rank, world_size)
-        split_dir = Path(cfg.data_dir) / cfg.train_split
+        split_dir = join(cfg.data_dir, cfg.train_split)
         doc = read_fewshot(split_dir, int(cfg.shots), cfg.fewshot_seed, cfg.fewshot_stratified)
         self.keys = list(doc["keys"])
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
@@ -248,10 +261,11 @@ class EvalLoader:
     def __init__(self, cfg: LoaderConfig, split: str, rank: int, world_size: int):
         check_rank(rank, world_size)
         info = dataset_info(cfg.data_dir, split)
-        split_dir = Path(cfg.data_dir) / split
+        split_dir = join(cfg.data_dir, split)
         m = read_manifest(split_dir)
         urls = shard_paths(split_dir, m)
         counts = [int(sh["count"]) for sh in m["shards"]]
+        digests = shard_digests(split_dir, m)
         mode = cfg.eval_split
         if mode == "auto":
             mode = "shard" if len(urls) >= world_size else "sample"
@@ -260,7 +274,7 @@ class EvalLoader:
                 raise ValueError(f"{split_dir}: eval_split='shard' needs num_shards >= world_size")
             mine = list(range(rank, len(urls), world_size))
             self.num_samples = sum(counts[i] for i in mine)
-            stages: list = [ShardList([urls[i] for i in mine]), wds.tarfile_to_samples(handler=wds.reraise_exception)]
+            stages: list = [ShardList([urls[i] for i in mine]), TarSamples(digests)]
             n_src = len(mine)
         elif mode == "sample":
             offsets, acc = {}, 0
@@ -271,7 +285,7 @@ class EvalLoader:
             self.num_samples = len(range(rank, total, world_size))
             stages = [
                 ShardList(urls),
-                wds.tarfile_to_samples(handler=wds.reraise_exception),
+                TarSamples(digests),
                 SelectByIndex(offsets, rank, world_size),
             ]
             n_src = len(urls)

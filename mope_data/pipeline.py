@@ -1,6 +1,10 @@
 """WebDataset stages of the loaders: explicit node / worker shard split, seeded resampling and shuffling, in-worker
 batching and main-process rebatching.
 
+Shards are read by :class:`TarSamples` (webdataset's ``tarfile_to_samples`` with its url-opening stage replaced):
+local files and URLs (``s3://``, ``http(s)://``, ...) are opened by :func:`mope_data.format.open_verified`, streamed,
+and hashed while read; at the end of each shard the sha256 is compared with ``manifest.json``'s.
+
 Shards are split by node **explicitly** (``shards[rank::world]``: rank and world size are arguments, nothing is read
 from the environment), then by worker inside the rank (``rank_shards[worker::num_workers]``; a training worker falls
 back to all of its rank's shards when there are fewer shards than workers). Every random choice is seeded by
@@ -17,8 +21,10 @@ from typing import Any
 import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from .config import LoaderConfig
+from .format import open_verified
 from .transforms import collate
 
 __all__ = [
@@ -28,6 +34,7 @@ __all__ = [
     "Rebatch",
     "SelectByIndex",
     "ShardList",
+    "TarSamples",
     "WorkerShuffle",
     "buffer_shuffle",
     "check_rank",
@@ -156,6 +163,31 @@ class ShardList(torch.utils.data.IterableDataset):
         worker, nw = worker_info()
         for u in split_by_worker(self.urls, worker, nw, fallback_all=False):
             yield {"url": u}
+
+
+class TarSamples:
+    """``wds.tarfile_to_samples`` with one opener for every location: shard ``{"url": ...}`` -> samples
+    ``{"__key__", "__url__", ext: bytes}``. Each shard is streamed through :func:`mope_data.format.open_verified` (a
+    local file or an fsspec URL; never copied to disk) and hashed while read; when a shard has been read to its end the
+    digest is compared with ``digests[url]`` (from ``manifest.json``) before its last sample is released, and a
+    mismatch raises :class:`~mope_data.format.ShardFormatError` naming the URL. A shard left unfinished (the epoch
+    ended inside it) is not checked. Errors are raised (``wds.reraise_exception``), as before."""
+
+    def __init__(self, digests: dict[str, str] | None = None):
+        self.digests = dict(digests or {})
+
+    def files(self, src):
+        for source in src:
+            url = source["url"]
+            with open_verified(url, self.digests.get(url)) as stream:
+                for f in tar_file_iterator(stream, handler=wds.reraise_exception):
+                    f["__url__"] = url
+                    yield f
+                stream.finish()
+            yield {}  # end of shard: samples of two shards are never merged
+
+    def __call__(self, src):
+        return group_by_keys(self.files(src), handler=wds.reraise_exception)
 
 
 class WorkerShuffle:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import LoaderConfig
-from .format import FRAME_RE, DatasetInfo, read_json
+from .format import FRAME_RE, DatasetInfo, is_file, join, read_json
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -72,8 +72,8 @@ def _get_tokenizer(path: str):
 def _norm_stats(cfg: LoaderConfig, info: DatasetInfo) -> tuple[tuple[float, ...], tuple[float, ...]]:
     mode = cfg.normalization
     own = None
-    enc_cfg = info.root / "vision_encoder" / "config.json"
-    if enc_cfg.is_file():
+    enc_cfg = join(info.root, "vision_encoder", "config.json")
+    if is_file(enc_cfg):
         c = read_json(enc_cfg)
         own = (tuple(c["mean"]), tuple(c["std"]))
     elif "normalization" in info.extra:

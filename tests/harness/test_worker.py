@@ -42,6 +42,7 @@ def test_train_logs_everything_and_learns(small_demo, tmp_path, monkeypatch):
         "final/val_acc_best",
         "perf/train_samples_per_s",
         "perf/data_wait_frac",
+        "perf/run_data_wait_frac",
         "perf/peak_mem_mb",
         "val/acc",
     ):
