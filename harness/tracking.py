@@ -24,7 +24,7 @@ The default store is a local SQLite file (``sqlite:///<run_dir>/mlflow.db``) wit
 and artifacts. ``MLFLOW_TRACKING_URI`` (or ``tracking.uri``) overrides it (a tracking server for clusters: a SQLite
 file on a shared FS is not safe for many writers).
 
-Over HTTP (``http://HOST:PORT``, an ``mlflow server`` started with ``--artifacts-destination``): the harness sets no
+Over HTTP (``http://HOST:PORT``, a tracking server started with ``--artifacts-destination``): the harness sets no
 artifact location, so new experiments get the server's ``mlflow-artifacts:/<id>`` root and every artifact (config,
 provenance, adapter, the sweep's spec and report) is uploaded through the server, never written to a path of the
 process that logs it. MLflow's own HTTP retries (MLflow 3.17: ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` = 7,

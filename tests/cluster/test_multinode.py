@@ -138,8 +138,9 @@ def test_sweep_on_two_nodes_without_shared_disk_survives_a_node_kill(small_demo,
 
         best = sorted(fs.glob(f"{BUCKET}/tune/*/*-s0_*/checkpoint_*/best_adapter"))
         assert best, fs.glob(f"{BUCKET}/tune/*/*-s0_*/checkpoint_*/*")
+        monkeypatch.setenv("MOPE_CACHE", str(tmp_path / "cache-here"))  # this process's own node-local cache
         local = localize(f"s3://{best[-1]}", what="adapter")
-        assert local.is_relative_to(tmp_path / "cache")
+        assert local.is_relative_to(tmp_path / "cache-here") and (local / "adapter.safetensors").is_file()
         model = build_model(read_adapter_config(local))
         load_adapter(model, local)  # strict keys, shapes, config and frozen-weight fingerprints
         # the sweep's report, from the runs on the tracking server

@@ -106,13 +106,15 @@ def test_no_shard_reader_extracts_to_disk():
 def test_mlflow_ui_is_documented_and_started_on_localhost_only():
     """The harness never starts an MLflow server or UI itself; every `mlflow ui` / `mlflow server` command it
     documents binds 127.0.0.1 explicitly (`--host 127.0.0.1`: MLflow's default has changed across versions and is
-    set by env vars); no 0.0.0.0 anywhere."""
+    set by env vars), or, for the cluster's tracking server, the head node's private address the user names
+    (`--host "$HEAD_PRIVATE_IP"`); no 0.0.0.0 anywhere."""
     docs = [ROOT / "README.md", ROOT / "Makefile", *PROJECT_CODE]
+    allowed = ("127.0.0.1", "localhost", '"$HEAD_PRIVATE_IP"')
     for p in docs:
         text = p.read_text(encoding="utf-8")
         assert "0.0.0.0" not in text, f"{p.relative_to(ROOT)} binds all interfaces"
         for cmd in re.findall(r"mlflow (?:ui|server)[^`\n]*", text):
             host = re.search(r"(?:--host|-h)[ =](\S+)", cmd)
-            assert host is not None and host.group(1) in ("127.0.0.1", "localhost"), f"{p.relative_to(ROOT)}: {cmd}"
+            assert host is not None and host.group(1) in allowed, f"{p.relative_to(ROOT)}: {cmd}"
     spawn = re.compile(r"""["']mlflow["']\s*,\s*["'](?:ui|server)["']|mlflow\.server|_run_server""")
     assert not [p for p in PROJECT_CODE if spawn.search(p.read_text(encoding="utf-8"))]
