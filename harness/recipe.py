@@ -140,11 +140,42 @@ def log_run_artifacts(tracker, cfg: dict[str, Any]) -> None:
     from mope_data.format import split_manifests
 
     manifests = split_manifests(cfg["data"]["shard_dir"])  # local paths or URLs (recorded as such)
-    tracker.log_dict(provenance(manifests), "provenance.json")
+    prov = provenance(manifests)
+    tracker.log_dict(prov, "provenance.json")
+    tracker.log_datasets(dataset_inputs(cfg, prov))
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "config.yaml"
         p.write_text(yaml.safe_dump(cfg, sort_keys=False))
         tracker.log_artifact(str(p))
+
+
+def dataset_inputs(cfg: dict[str, Any], prov: dict[str, Any]) -> list[dict[str, Any]]:
+    """The shards a run reads, as MLflow dataset inputs (:meth:`harness.tracking.MLflowTracker.log_datasets`): one per
+    split the run uses (train, val, test), digest = the split manifest's sha256 (from the provenance record), source =
+    the split directory or URL; a few-shot run's train input is its subset (``<name>/train/shots-N``, digest of the
+    subset index)."""
+    from mope_data.format import basename, fewshot_path, parent, read_json, sha256_file
+
+    d = cfg["data"]
+    used = {"train": "train", "val": "val", "test": "test"}
+    by_split = {basename(parent(m["path"])): m for m in prov["meta_info"]["datasets"]}
+    out = []
+    for context, split in used.items():
+        m = by_split.get(split)
+        if m is None:
+            continue
+        src, name, digest = str(parent(m["path"])), f"{d['name']}/{split}", m["sha256"]
+        profile: dict[str, Any] = {"split": split}
+        try:
+            profile["num_samples"] = int(read_json(m["path"], "manifest").get("num_samples"))
+        except (TypeError, ValueError):
+            pass
+        if context == "train" and d.get("shots"):
+            fs = fewshot_path(src, int(d["shots"]), int(d.get("shots_seed", 0)), bool(d.get("shots_stratified")))
+            name, digest, src = f"{name}/shots-{int(d['shots'])}", sha256_file(fs), str(fs)
+            profile["num_samples"] = int(d["shots"])
+        out.append({"name": name, "digest": digest, "source": src, "context": context, "profile": profile})
+    return out
 
 
 def learning_rates(tr: dict[str, Any]) -> dict[str, float]:

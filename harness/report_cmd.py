@@ -74,7 +74,7 @@ def report_sweeps(
     Raises:
         reports.mlflow_source.StoreError: no store, no such sweep (the message lists what exists).
     """
-    from reports.build import build_report
+    from reports.build import build_report, run_description, summary_series
     from reports.claims import EQUIVALENCE_MARGIN
     from reports.mlflow_source import list_sweeps, load_sweep, log_report, select_sweeps
 
@@ -97,7 +97,14 @@ def report_sweeps(
         logged = ""
         if log_to_mlflow:
             try:
-                log_report(uri, s["run_id"], dest)
+                log_report(
+                    uri,
+                    s["run_id"],
+                    dest,
+                    description=run_description(data, rep),
+                    series=summary_series(data, rep),
+                    figures=rep.figures,
+                )
                 logged = f"; logged to parent run {s['run_id']} (artifacts report/)"
             except Exception as e:  # noqa: BLE001 - the folder is written; the store may be read-only
                 logged = f"; NOT logged to MLflow ({type(e).__name__}: {str(e)[:200]})"

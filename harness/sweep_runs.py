@@ -37,8 +37,16 @@ def tracking_target(cfg: dict[str, Any]) -> tuple[str, str]:
     return t.get("uri") or default_tracking_uri(cfg["paths"]["run_root"]), t["experiment"]
 
 
+def axis_tags(values: dict[str, Any]) -> dict[str, str]:
+    """The swept values under short names (``axis.num_experts``: the last part of the config key, the whole key when
+    two axes share it), for the MLflow runs table's columns and group-by."""
+    last = [k.rsplit(".", 1)[-1] for k in values]
+    return {f"axis.{short if last.count(short) == 1 else k}": str(v) for (k, v), short in zip(values.items(), last)}
+
+
 def child_tags(trial: dict[str, Any], spec_hash: str) -> dict[str, Any]:
     return {
+        **axis_tags(trial["values"]),
         SWEEP_TAG: trial["sweep_id"],
         "harness.spec_hash": spec_hash,
         "harness.point_id": trial["point_id"],

@@ -189,6 +189,8 @@ class Tracker(Protocol):
 
     def log_dict(self, obj: Any, name: str) -> None: ...
 
+    def log_datasets(self, datasets: Iterable[Mapping[str, Any]]) -> None: ...
+
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
 
     def finish(self, status: RunStatus = "FINISHED") -> None: ...
@@ -297,6 +299,12 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return (Path(db).expanduser().resolve().parent / ARTIFACT_DIR).as_uri()
 
 
+# Every experiment the harness creates is a model-development one: MLflow 3's UI then opens it on the runs table
+# (an untagged experiment opens on the GenAI traces view). The value is the UI's CUSTOM_MODEL_DEVELOPMENT kind.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: "custom_model_development"}
+
+
 def ensure_experiment(client: Any, name: str, artifact_location: str | None = None) -> str:
     """Returns the id of experiment `name`, creating it (with `artifact_location`) if missing. Safe against a
     concurrent creator (another trial process racing on the same name)."""
@@ -305,7 +313,7 @@ def ensure_experiment(client: Any, name: str, artifact_location: str | None = No
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location, tags=dict(EXPERIMENT_TAGS))
         except MlflowException as e:  # lost the race: someone created it in between
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -316,6 +324,9 @@ def ensure_experiment(client: Any, name: str, artifact_location: str | None = No
             f"MLflow experiment {name!r} (id {exp.experiment_id}) is deleted; restore it "
             f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or use another experiment name"
         )
+    for k, v in EXPERIMENT_TAGS.items():  # an experiment made before the harness tagged it, or by hand
+        if exp.tags.get(k) != v:
+            client.set_experiment_tag(exp.experiment_id, k, v)
     if artifact_location and exp.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
         log.info("experiment %r keeps its artifact location %s", name, exp.artifact_location)
     return exp.experiment_id
@@ -338,6 +349,9 @@ class NoopTracker:
         pass
 
     def log_dict(self, obj: Any, name: str) -> None:
+        pass
+
+    def log_datasets(self, datasets: Iterable[Mapping[str, Any]]) -> None:
         pass
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -660,6 +674,29 @@ class MLflowTracker:
     def log_dict(self, obj: Any, name: str) -> None:
         """Writes `obj` as JSON (``.json``) or YAML (``.yaml``/``.yml``) artifact `name` (may contain folders)."""
         self._retrying(self.client.log_dict, self._run_id, _to_plain(obj), name)
+
+    def log_datasets(self, datasets: Iterable[Mapping[str, Any]]) -> None:
+        """Records what the run read as MLflow dataset inputs (the UI's Datasets column): each a mapping with
+        ``name``, ``digest`` (the split manifest's sha256), ``source`` (its path or URL), ``context`` (train / val /
+        test) and optionally ``profile`` (e.g. the sample count). Logging the same dataset again (a resumed run) adds
+        nothing: MLflow keys inputs by name and digest."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=str(d["name"]),
+                    digest=str(d["digest"])[:36],
+                    source_type="webdataset_shards",
+                    source=json.dumps({"uri": str(d["source"])}),
+                    profile=json.dumps(d["profile"]) if d.get("profile") is not None else None,
+                ),
+                tags=[InputTag("mlflow.data.context", str(d.get("context") or "train"))],
+            )
+            for d in datasets
+        ]
+        if inputs:
+            self._retrying(self.client.log_inputs, self._run_id, inputs)
 
     def _retrying(self, fn: Any, *args: Any) -> Any:
         """Calls `fn`, retrying with backoff while the store is unavailable (up to :attr:`retry_s`); used where the

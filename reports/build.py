@@ -24,6 +24,7 @@ from reports.data import (
     STATUS_MISSING,
     SweepData,
     add_derived,
+    aggregate,
     metric_label,
     point_columns,
     primary_metric,
@@ -192,6 +193,91 @@ def build_report(
         p for k in figs for p in (figs[k], figs[k].with_suffix(".svg"))
     ]
     return rep
+
+
+# -- the parent run's page in the MLflow UI ---------------------------------------------------------------------------
+NOTE_MAX_CHARS = 7500  # MLflow keeps tag values up to 8000 characters (mlflow.note.content is a tag)
+
+
+def run_description(data: SweepData, rep: Report, artifact_path: str = "report") -> str:
+    """The parent run's description (``mlflow.note.content``, Markdown): what the sweep is, how many trials
+    finished, each claim's verdict with its deciding statistic, and where the report and figures are among the run's
+    artifacts. Cut (with a note) to :data:`NOTE_MAX_CHARS`."""
+    lines = [f"**Sweep {data.name}**: the report is in the artifacts, `{artifact_path}/report.html` (figures, tables,"]
+    lines[0] += f" claims; also `{artifact_path}/report.md`, `{artifact_path}/results.csv`)."
+    lines += [""] + [f"- {x}" for x in _meta_lines(data, rep)[:3]] + ["", "**Claims**: " + _summary_line(rep), ""]
+    for i, c in enumerate(rep.claims, 1):
+        lines.append(f"{i}. **{c.verdict}**: {c.text} ({c.source})")
+        for r in c.rows:
+            note = f"; {'; '.join(r.notes)}" if r.notes else ""
+            lines.append(f"    - {r.comparison}: {r.statistic}{note} (n={r.n}): {r.verdict}")
+    if rep.figures:
+        lines += [
+            "",
+            "**Figures** (artifacts): " + ", ".join(f"`{artifact_path}/{p.name}`" for p in rep.figures.values()),
+        ]
+    if rep.missing:
+        lines += ["", f"**Missing**: {len(rep.missing)} item(s), see the report's Missing section."]
+    axes = summary_axes(data)
+    if axes:
+        steps = "; ".join(f"`summary/{arm}/...` by {axis}" for arm, axis in axes.items())
+        lines += ["", f"**Charts** of this run's metrics (the step is the swept value): {steps}."]
+    text = "\n".join(lines) + "\n"
+    if len(text) > NOTE_MAX_CHARS:
+        cut = text[: NOTE_MAX_CHARS - 120].rsplit("\n", 1)[0]
+        text = cut + f"\n\n(cut here: the full claims table is in `{artifact_path}/report.md`)\n"
+    return text
+
+
+def _metric_name(metric: str) -> str:
+    return metric.split("/", 1)[-1]
+
+
+def summary_axes(data: SweepData) -> dict[str, str]:
+    """``{arm: the column its summary series are indexed by}``: ``tunable_prompts`` when it varies within the arm (the
+    expert-vs-length sweep: MoPE's k and the vanilla prompt's L meet on the tunable-prompt count, Fig. 4's x axis),
+    else the one point column that varies (e.g. ``data.shots``); arms with no such integer axis are left out."""
+    runs = add_derived(data.runs)
+    cols = point_columns(data)
+    if "arm" not in cols or runs.empty:
+        return {}
+    out = {}
+    for arm in [a for a in dict.fromkeys(runs["arm"].dropna()) if str(a)]:
+        sub = runs[runs["arm"] == arm]
+        varying = [c for c in cols if c != "arm" and sub[c].dropna().nunique() > 1]
+        if sub["tunable_prompts"].dropna().nunique() > 1:
+            varying = ["tunable_prompts"]
+        elif len(varying) != 1:
+            varying = []
+        if varying:
+            x = pd.to_numeric(sub[varying[0]], errors="coerce").dropna()
+            if len(x) and (x == x.round()).all():
+                out[str(arm)] = varying[0]
+    return out
+
+
+def summary_series(data: SweepData, rep: Report) -> dict[str, list[tuple[int, float]]]:
+    """Per arm, one series per statistic over the arm's axis (:func:`summary_axes`), step = the axis value, so that
+    an MLflow chart of the parent run draws e.g. test accuracy against the tunable-prompt count:
+    ``summary/<arm>/<metric>_mean`` and ``_std`` over seeds, ``summary/<arm>/step_time_ms``."""
+    runs = add_derived(data.runs)
+    out: dict[str, list[tuple[int, float]]] = {}
+    for arm, axis in summary_axes(data).items():
+        sub = runs[runs["arm"] == arm]
+        for stat_metric, names in ((rep.metric, ("mean", "std")), ("step_time_ms", ("mean",))):
+            for _, row in aggregate(sub, [axis], stat_metric).iterrows():
+                x = pd.to_numeric(row[axis], errors="coerce")
+                if pd.isna(x):
+                    continue
+                for n in names:
+                    if pd.notna(row[n]):
+                        key = (
+                            f"summary/{arm}/step_time_ms"
+                            if stat_metric == "step_time_ms"
+                            else f"summary/{arm}/{_metric_name(stat_metric)}_{n}"
+                        )
+                        out.setdefault(key, []).append((int(x), float(row[n])))
+    return {k: sorted(v) for k, v in out.items()}
 
 
 def _meta_lines(data: SweepData, rep: Report) -> list[str]:

@@ -264,9 +264,45 @@ def load_sweep(uri: str, sweep: dict[str, Any]) -> SweepData:
     return SweepData(meta, runs, hist, notes)
 
 
-def log_report(uri: str, run_id: str, out_dir: Path, artifact_path: str = "report") -> None:
-    """Logs the report folder as artifacts of the sweep's parent run (the MLflow UI shows it beside the runs)."""
-    client_for(uri).log_artifacts(run_id, str(out_dir), artifact_path)
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (Markdown)
+
+
+def log_report(
+    uri: str,
+    run_id: str,
+    out_dir: Path,
+    artifact_path: str = "report",
+    *,
+    description: str | None = None,
+    series: dict[str, list[tuple[int, float]]] | None = None,
+    figures: dict[str, Path] | None = None,
+) -> None:
+    """Logs the report to the sweep's parent run, so that its MLflow page tells the story: the report folder as
+    artifacts (``report/``), `description` as the run's description (``mlflow.note.content``), `series`
+    (``{key: [(step, value)]}``, :func:`reports.build.summary_series`) as metrics a chart draws (a value already
+    logged at that step is not logged again, so re-running the report adds nothing twice), and `figures`
+    (``{key: png}``) as images under ``figures/`` (replaced on a re-run)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    client = client_for(uri)
+    client.log_artifacts(run_id, str(out_dir), artifact_path)
+    if description is not None:
+        client.set_tag(run_id, NOTE_TAG, description)
+    if series:
+        now = int(time.time() * 1000)
+        todo = []
+        for key, points in series.items():
+            have = {(m.step, m.value) for m in client.get_metric_history(run_id, key)}
+            todo += [Metric(key, float(v), now, int(st)) for st, v in points if (int(st), float(v)) not in have]
+        for i in range(0, len(todo), 1000):  # MLflow's log_batch limit
+            client.log_batch(run_id, metrics=todo[i : i + 1000], synchronous=True)
+    for key, png in (figures or {}).items():
+        from PIL import Image
+
+        with Image.open(png) as im:
+            client.log_image(run_id, im.convert("RGB"), artifact_file=f"figures/{key}.png")
 
 
 __all__ = ["StoreError", "client_for", "list_sweeps", "load_sweep", "log_report", "select_sweeps", "sqlite_path"]

@@ -50,6 +50,16 @@ def test_train_logs_everything_and_learns(small_demo, tmp_path, monkeypatch):
     arts = {a.path for a in c.list_artifacts(r.info.run_id)}
     assert {"provenance.json", "config.yaml", "adapter"} <= arts
     assert {a.path for a in c.list_artifacts(r.info.run_id, "adapter")} >= {"adapter/adapter.safetensors"}
+    # the shards it read, as MLflow dataset inputs (the UI's Datasets column): digest = the split manifest's sha256
+    from mope_data.format import sha256_file
+
+    inputs = {d.dataset.name: d for d in r.inputs.dataset_inputs}
+    assert set(inputs) == {"demo/train", "demo/val", "demo/test"}
+    for split in ("train", "val", "test"):
+        d = inputs[f"demo/{split}"]
+        assert d.dataset.digest == sha256_file(small_demo / split / "manifest.json")[:36]
+        assert str(small_demo / split) in d.dataset.source
+        assert {t.key: t.value for t in d.tags}["mlflow.data.context"] == split
 
 
 def test_resume_reproduces_uninterrupted_run(small_demo, tmp_path, monkeypatch):
@@ -71,6 +81,8 @@ def test_resume_reproduces_uninterrupted_run(small_demo, tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     hist = _client(cfg_b).get_metric_history(resumed["run_id"], "train/loss")
     assert sorted(m.step for m in hist) == list(range(4, 49, 4))  # no duplicated or missing steps
+    inputs = _client(cfg_b).get_run(resumed["run_id"]).inputs.dataset_inputs
+    assert sorted(d.dataset.name for d in inputs) == ["demo/test", "demo/train", "demo/val"]  # not logged twice
 
 
 def test_nan_loss_fails_the_run_and_keeps_logged_data(small_demo, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
 from pathlib import Path
@@ -188,3 +189,34 @@ def test_data_scaling_claim_flips_at_one_shot_count(tmp_path):
     c = next(c for c in json.loads((tmp_path / "r" / "claims.json").read_text()) if c["key"] == "data_scaling")
     assert c["verdict"] == "not supported"
     assert {r["comparison"]: r["verdict"] for r in c["rows"]}["shots = 512"] == "not supported"
+
+
+def test_parent_run_page_tells_the_story(evl):
+    """The parent run's MLflow page: the experiment opens on the runs table (model-development kind), the run's
+    description states every claim's verdict and points at the report, summary series a chart can draw (step = the
+    tunable-prompt count, MoPE's k and vanilla's L meeting as in Fig. 4), Fig. 4 under figures/; re-running the
+    report adds no second value to any series; children carry the swept values under short names."""
+    from mlflow.tracking import MlflowClient
+
+    uri, _, trials, out = evl
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("mope-expert-vs-length")
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    parent = client.search_runs([exp.experiment_id], filter_string="tags.`harness.role` = 'sweep'")[0]
+    note = parent.data.tags["mlflow.note.content"]
+    assert "report/report.html" in note and "18 of 18 FINISHED" in note
+    for c in json.loads((out / "claims.json").read_text()):
+        assert f"**{c['verdict']}**: {c['claim']}" in note
+    pid = parent.info.run_id
+    mope = {m.step: m.value for m in client.get_metric_history(pid, "summary/mope/test_acc_mean")}
+    van = {m.step: m.value for m in client.get_metric_history(pid, "summary/vanilla/test_acc_mean")}
+    assert sorted(mope) == sorted(van) == [19, 31, 55]
+    for k, steps in ((2, 19), (4, 31), (8, 55)):
+        want = statistics.mean(_acc_scaling({"method": "mope", "k": k, "seed": s}) for s in range(3))
+        assert mope[steps] == pytest.approx(want)
+    assert van[55] < van[19] < mope[19]
+    assert [a.path for a in client.list_artifacts(pid, "figures")] == ["figures/fig4_expert_vs_length.png"]
+    assert _report(uri, out, "--sweep", "expert_vs_length") == 0
+    assert len(client.get_metric_history(pid, "summary/mope/test_acc_mean")) == 3  # nothing logged twice
+    child = client.search_runs([exp.experiment_id], filter_string="tags.`axis.num_experts` = '8'")
+    assert len(child) == 6 and {r.data.tags["harness.arm"] for r in child} == {"mope", "vanilla"}
