@@ -32,26 +32,17 @@ Only tests start MLflow servers (``tests/reliability/test_security.py`` forbids 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+from typing import IO
 
 import pytest
 
-HOST = "127.0.0.1"
-
-
-def free_port(host: str = HOST) -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from tests.helpers.server_process import HOST, ServerProcess, free_port, listening
 
 
 def _mlflow_executable() -> list[str]:
@@ -59,21 +50,21 @@ def _mlflow_executable() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "mlflow"]
 
 
-class MlflowServer:
+class MlflowServer(ServerProcess):
     """One ``mlflow server`` process over the store in `root` (created if missing); see the module docstring."""
+
+    _label = "mlflow server"
+    _ready_word = "healthy"
+    _health_path = "/health"
 
     def __init__(self, root: str | Path, *, port: int | None = None, start_timeout_s: float = 120.0):
         self.root = Path(root).resolve()
-        self.port = port or free_port()
-        self.start_timeout_s = start_timeout_s
-        self.startup_s: float | None = None
-        self._proc: subprocess.Popen | None = None
-        self._log = None
+        super().__init__(port=port, start_timeout_s=start_timeout_s)
 
     # -- addresses --------------------------------------------------------------------------------------------------
     @property
     def uri(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return self._http_url
 
     @property
     def db_uri(self) -> str:
@@ -87,18 +78,9 @@ class MlflowServer:
     def log_path(self) -> Path:
         return self.root / "server.log"
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    # -- lifecycle --------------------------------------------------------------------------------------------------
-    def start(self) -> MlflowServer:
-        """Starts the server (a no-op while it runs) and waits until ``/health`` answers."""
-        if self.running:
-            return self
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.artifacts_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [
+    # -- the process (hooks of ServerProcess) -----------------------------------------------------------------------
+    def _command(self) -> list[str]:
+        return [
             *_mlflow_executable(),
             "server",
             "--host",
@@ -112,71 +94,43 @@ class MlflowServer:
             "--workers",
             "1",
         ]
+
+    def _child_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
         env.setdefault("PYTHONUNBUFFERED", "1")
-        self._log = self.log_path.open("a")
-        self._log.write(f"\n--- start {time.strftime('%H:%M:%S')}: {' '.join(cmd)}\n")
-        self._log.flush()
-        t0 = time.monotonic()
-        self._proc = subprocess.Popen(
-            cmd, cwd=self.root, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            self._wait_healthy(t0 + self.start_timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        self.startup_s = time.monotonic() - t0
-        return self
+        return env
 
-    def _wait_healthy(self, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self._proc.returncode}:\n{self._log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(
-            f"mlflow server on {self.uri} not healthy after {self.start_timeout_s:.0f}s:\n{self._log_tail()}"
-        )
+    def _cwd(self) -> Path:
+        return self.root
 
-    def _log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return "(no log)"
+    def _open_log(self, cmd: list[str]) -> IO[str]:
+        self._log_path = self.log_path
+        log = self.log_path.open("a")
+        log.write(f"\n--- start {time.strftime('%H:%M:%S')}: {' '.join(cmd)}\n")
+        log.flush()
+        return log
+
+    def _accepts(self, status: int) -> bool:
+        return status == 200
+
+    # -- lifecycle --------------------------------------------------------------------------------------------------
+    def start(self) -> MlflowServer:
+        """Starts the server (a no-op while it runs) and waits until ``/health`` answers."""
+        if not self.running:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        return super().start()
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """Stops the server's process group (SIGTERM, then SIGKILL after `timeout_s`) and waits until the port is
         free again; the store is kept. A no-op when it is not running."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(10)
-        if proc is not None:
-            try:  # workers of the group that outlived the parent
+        proc = self._terminate(timeout_s)
+        if proc is not None:  # workers of the group that outlived the parent
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self._close_log()
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _listening(HOST, self.port):
+        while time.monotonic() < deadline and listening(HOST, self.port):
             time.sleep(0.1)
 
     def restart(self) -> MlflowServer:
@@ -184,20 +138,8 @@ class MlflowServer:
         self.stop()
         return self.start()
 
-    def __enter__(self) -> MlflowServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     def __repr__(self) -> str:
         return f"MlflowServer({self.root}, uri={self.uri}, running={self.running})"
-
-
-def _listening(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
 
 
 @pytest.fixture

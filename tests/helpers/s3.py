@@ -37,20 +37,18 @@ from __future__ import annotations
 import functools
 import http.server
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+from typing import IO
 
 import pytest
 
-HOST = "127.0.0.1"
+from tests.helpers.server_process import HOST, ServerProcess
+from tests.helpers.server_process import free_port as free_port  # re-exported: tests import it from here
+
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
 REGION = "us-east-1"
@@ -65,13 +63,6 @@ ENV_KEYS = (
     "AWS_SHARED_CREDENTIALS_FILE",
     "AWS_CONFIG_FILE",
 )
-
-
-def free_port(host: str = HOST) -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def clear_fs_caches() -> None:
@@ -90,24 +81,16 @@ def clear_fs_caches() -> None:
         pass
 
 
-class S3Server:
+class S3Server(ServerProcess):
     """One ``moto.server`` process on 127.0.0.1; see the module docstring."""
 
-    def __init__(self, *, port: int | None = None, start_timeout_s: float = 60.0):
-        self.port = port or free_port()
-        self.start_timeout_s = start_timeout_s
-        self.startup_s: float | None = None
-        self._proc: subprocess.Popen | None = None
-        self._log = None
-        self._log_path: Path | None = None
+    _label = "moto server"
+    _poll_s = 0.05
+    _stdin = subprocess.DEVNULL
 
     @property
     def endpoint(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._http_url
 
     def env(self) -> dict[str, str]:
         """The AWS_* variables that point boto / s3fs / pyarrow at this server (dummy credentials)."""
@@ -153,83 +136,36 @@ class S3Server:
     def url(bucket: str, *parts: str) -> str:
         return "/".join([f"s3://{bucket}", *(p.strip("/") for p in parts if p)])
 
-    def start(self) -> S3Server:
-        if self.running:
-            return self
+    # -- the process (hooks of ServerProcess) -----------------------------------------------------------------------
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(self.port)]
+
+    def _child_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _open_log(self, cmd: list[str]) -> IO[str]:
         fd, name = tempfile.mkstemp(prefix="moto-", suffix=".log")
         os.close(fd)
         self._log_path = Path(name)
-        self._log = self._log_path.open("a")
-        cmd = [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(self.port)]
-        env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
-        env["PYTHONUNBUFFERED"] = "1"
-        t0 = time.monotonic()
-        self._proc = subprocess.Popen(
-            cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-        try:
-            self._wait_ready(t0 + self.start_timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        self.startup_s = time.monotonic() - t0
-        clear_fs_caches()
+        return self._log_path.open("a")
+
+    # -- lifecycle --------------------------------------------------------------------------------------------------
+    def start(self) -> S3Server:
+        if not self.running:
+            super().start()
+            clear_fs_caches()
         return self
-
-    def _wait_ready(self, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"moto server exited with {self._proc.returncode}:\n{self._log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/", timeout=2) as r:
-                    if r.status < 500:
-                        return
-            except urllib.error.HTTPError as e:  # any HTTP answer means it is up
-                if e.code < 500:
-                    return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(
-            f"moto server on {self.endpoint} not up after {self.start_timeout_s:.0f}s:\n{self._log_tail()}"
-        )
-
-    def _log_tail(self, n: int = 4000) -> str:
-        try:
-            return self._log_path.read_text(errors="replace")[-n:] if self._log_path else "(no log)"
-        except OSError:
-            return "(no log)"
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Kills the server's process group (SIGTERM, then SIGKILL); the objects are gone (moto keeps them in
         memory)."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        super().stop(timeout_s)
         if self._log_path is not None:
             self._log_path.unlink(missing_ok=True)
             self._log_path = None
         clear_fs_caches()
-
-    def __enter__(self) -> S3Server:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"S3Server({self.endpoint}, running={self.running})"
