@@ -27,6 +27,7 @@ BUILTIN = (
     "snli_ve",
     "mustard",
     "demo",
+    "refcoco",  # refcoco and refcoco+
 )
 # Keyword parameters set by `harness prep`'s own flags (--shard-size, --skip-bad), not by --opt.
 CLI_PARAMETERS = ("shard_size", "skip_bad")

@@ -210,3 +210,170 @@ def make_mustard_replica(
             frames_dir=frames_dir,
         )
     return root
+
+
+# ------------------------------------------------------------------------------------------------ RefCOCO replicas
+# The refer release's raw layout (lichengunc/refer), written exactly: {root}/{refcoco|refcoco+}/refs(unc).p (a
+# protocol-2 pickle of the list of refs, as the Python-2 release), {root}/{...}/instances.json (COCO json with
+# polygon, uncompressed-RLE (iscrowd) and compressed-RLE segmentations) and
+# {root}/images/train2014/COCO_train2014_%012d.jpg (small noise JPEGs, one image larger than the others).
+REFCOCO_CATEGORIES = [
+    {"supercategory": "person", "id": 1, "name": "person"},
+    {"supercategory": "vehicle", "id": 3, "name": "car"},
+    {"supercategory": "animal", "id": 18, "name": "dog"},
+    {"supercategory": "furniture", "id": 62, "name": "chair"},
+]
+REFCOCO_SPLIT_CYCLE = ("train", "train", "val", "testA", "train", "testB")
+
+
+def _rle_counts(mask: np.ndarray) -> list[int]:
+    """Uncompressed COCO RLE counts of a 0/1 (h, w) mask: column-major runs, starting with a run of zeros."""
+    flat = np.asarray(mask, dtype=np.uint8).flatten(order="F")
+    counts, cur, run = [], 0, 0
+    for v in flat:
+        if v != cur:
+            counts.append(run)
+            cur, run = int(v), 0
+        run += 1
+    counts.append(run)
+    return counts
+
+
+def _polygon_mask_box(rng: np.random.Generator, w: int, h: int) -> tuple[list[float], list[float]]:
+    """A random convex quadrilateral inside (w, h) as a COCO polygon, and its bbox [x, y, bw, bh]."""
+    x0, y0 = rng.uniform(1, w / 2), rng.uniform(1, h / 2)
+    x1, y1 = rng.uniform(x0 + 6, w - 1), rng.uniform(y0 + 6, h - 1)
+    dx = rng.uniform(0, (x1 - x0) / 4)
+    poly = [x0 + dx, y0, x1, y0 + dx, x1 - dx, y1, x0, y1 - dx]
+    poly = [round(float(v), 2) for v in poly]
+    xs, ys = poly[0::2], poly[1::2]
+    return poly, [min(xs), min(ys), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)]
+
+
+def refcoco_raw_dir(variant: str) -> str:
+    """The release's directory for ``refcoco`` / ``refcoco+``."""
+    if variant not in ("refcoco", "refcoco+"):
+        raise ValueError(f"variant {variant!r}: use 'refcoco' or 'refcoco+'")
+    return variant
+
+
+def make_refcoco_replica(
+    root: Path,
+    variant: str = "refcoco",
+    *,
+    n_images: int = 12,
+    seed: int = 0,
+    size: tuple[int, int] = (48, 36),
+    big_size: tuple[int, int] = (96, 72),
+) -> Path:
+    """A small refer release at ``root`` for ``harness prep refcoco --src root`` (or ``refcoco+``): ``n_images`` COCO
+    images (``size``; the second one ``big_size``, for resizing), 1-4 objects each, each a ref with 1-3 sentences; the
+    images cycle through the splits (:data:`REFCOCO_SPLIT_CYCLE`). Segmentations: mostly polygons (some objects in two
+    parts), every 5th object a crowd region as uncompressed RLE, every 7th a compressed RLE string; plus objects with
+    no ref (the real instances.json holds every annotation of its images). Returns ``root``."""
+    import io
+    import pickle
+
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    root = Path(root)
+    raw = root / refcoco_raw_dir(variant)
+    img_dir = root / "images" / "train2014"
+    raw.mkdir(parents=True, exist_ok=True)
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    words = "left right man woman red car dog chair blue shirt far near caf\u00e9".split()
+    images, anns, refs = [], [], []
+    ann_id, ref_id, sent_id = 200000, 0, 0
+    for i in range(n_images):
+        image_id = 100003 + 7919 * i
+        w, h = big_size if i == 1 else size
+        file_name = f"COCO_train2014_{image_id:012d}.jpg"
+        arr = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=85)
+        (img_dir / file_name).write_bytes(buf.getvalue())
+        url = f"http://images.cocodataset.org/train2014/{file_name}"
+        images.append(
+            {
+                "license": 1,
+                "file_name": file_name,
+                "coco_url": url,
+                "height": h,
+                "width": w,
+                "date_captured": "2013-11-14 16:28:13",
+                "flickr_url": "",
+                "id": image_id,
+            }
+        )
+        split = REFCOCO_SPLIT_CYCLE[i % len(REFCOCO_SPLIT_CYCLE)]
+        n_obj = 1 + (i * 5 + seed) % 4
+        for j in range(n_obj + 1):  # the last object has no ref
+            ann_id += 1
+            cat = REFCOCO_CATEGORIES[(i + j) % len(REFCOCO_CATEGORIES)]
+            k = len(anns)
+            if k % 5 == 4 or k % 7 == 6:
+                m = np.zeros((h, w), dtype=np.uint8)
+                y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+                m[y0 : y0 + h // 3, x0 : x0 + w // 3] = 1
+                enc = mask_utils.encode(np.asfortranarray(m))
+                crowd = k % 5 == 4
+                seg: dict | list = (
+                    {"counts": _rle_counts(m), "size": [h, w]}
+                    if crowd
+                    else {"size": [h, w], "counts": enc["counts"].decode("ascii")}
+                )
+                bbox, area = [float(v) for v in mask_utils.toBbox(enc)], int(m.sum())
+            else:
+                crowd = False
+                poly, bbox = _polygon_mask_box(rng, w, h)
+                seg = [poly]
+                if k % 3 == 1:  # a second part
+                    seg.append([1.0, 1.0, 5.0, 1.0, 3.0, 4.0])
+                area = float(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(seg, h, w))))
+            anns.append(
+                {
+                    "segmentation": seg,
+                    "area": area,
+                    "iscrowd": int(crowd),
+                    "image_id": image_id,
+                    "bbox": bbox,
+                    "category_id": cat["id"],
+                    "id": ann_id,
+                }
+            )
+            if j == n_obj:
+                continue
+            sents = []
+            for _ in range(1 + (ref_id % 3)):
+                toks = [str(x) for x in rng.choice(words, size=int(rng.integers(2, 5)))]
+                raw_s = " ".join(toks).capitalize() + ("." if sent_id % 2 else "")
+                sents.append({"tokens": toks, "raw": raw_s, "sent_id": sent_id, "sent": " ".join(toks)})
+                sent_id += 1
+            refs.append(
+                {
+                    "image_id": image_id,
+                    "split": split,
+                    "sentences": sents,
+                    "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
+                    "category_id": cat["id"],
+                    "ann_id": ann_id,
+                    "sent_ids": [s["sent_id"] for s in sents],
+                    "ref_id": ref_id,
+                }
+            )
+            ref_id += 1
+    inst = {
+        "info": {"description": "This is stable 1.0 version of the 2014 MS COCO dataset.", "year": 2014},
+        "images": images,
+        "licenses": [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1, "name": "BY-NC-SA"}],
+        "type": "instances",
+        "annotations": anns,
+        "categories": REFCOCO_CATEGORIES,
+    }
+    (raw / "instances.json").write_text(json.dumps(inst), encoding="utf-8")
+    refs.sort(key=lambda r: (r["split"] != "train", r["ref_id"]))  # not in (image_id, ref_id) order on purpose
+    with open(raw / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    return root

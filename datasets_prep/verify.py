@@ -5,6 +5,7 @@ For every split: every listed shard exists and matches its sha256 and sample cou
 beside them, every member is ``{key}.{ext}`` with a key of ``[A-Za-z0-9_-]+`` (no dots), members of one sample are
 contiguous, no key repeats within the split, every sample has a ``json`` with ``id`` and a valid ``label``, the
 class histogram and total match, the declared modalities are present, images and audio decode, text is UTF-8.
+Task ``segmentation``: every sample also has a ``mask.png`` (single channel) of its image's size.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from mope_data.format import (
     AUDIO_EXTS,
     IMAGE_EXTS,
     MANIFEST,
+    MASK_EXT,
     MODALITY_EXTS,
     ShardFormatError,
     iter_tar_samples,
@@ -83,6 +85,29 @@ def _check_audio(data: bytes) -> str | None:
     return None
 
 
+def _check_mask(sample: dict[str, bytes], decode: bool) -> str | None:
+    """A segmentation sample's ``mask.png``: present next to an image; decoded, single-channel and of its size."""
+    from PIL import Image
+
+    if MASK_EXT not in sample:
+        return f"no {MASK_EXT} member (task segmentation)"
+    image = next((e for e in sorted(sample) if e != MASK_EXT and e.rsplit(".", 1)[-1] in IMAGE_EXTS), None)
+    if image is None:
+        return f"no image member beside {MASK_EXT}"
+    if not decode:
+        return None
+    try:
+        with Image.open(io.BytesIO(sample[MASK_EXT])) as m, Image.open(io.BytesIO(sample[image])) as im:
+            m.load()
+            if m.mode not in ("L", "1"):
+                return f"{MASK_EXT} has mode {m.mode!r}, not single-channel"
+            if m.size != im.size:
+                return f"{MASK_EXT} is {m.size[0]}x{m.size[1]}, its image {image} {im.size[0]}x{im.size[1]}"
+    except Exception as e:  # noqa: BLE001
+        return f"undecodable {MASK_EXT} ({type(e).__name__}: {e})"
+    return None
+
+
 def _check_sample(
     where: str,
     key: str,
@@ -141,6 +166,10 @@ def _check_sample(
             err = _check_audio(data)
         if err:
             out.append(f"{where}.{ext}: {err}")
+    if task == "segmentation":
+        err = _check_mask(sample, decode)
+        if err:
+            out.append(f"{where}: {err}")
     return out
 
 

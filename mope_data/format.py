@@ -14,7 +14,9 @@ Each tar holds webdataset samples: members ``{key}.{ext}`` grouped by key (conse
 ``[A-Za-z0-9_-]`` (webdataset splits key and extension at the *first* dot), extensions lower case and possibly
 multi-part (``f00.png``: video frame 0). Every sample has a ``json`` member with at least ``id`` and ``label`` (an int
 for ``single_label``, a list of ints for ``multi_label``). Images are ``jpg``/``png``/..., text ``txt`` (UTF-8), audio
-``wav``/``flac``, video frames ``f00.png``, ``f01.png``, ... (:func:`frame_member`).
+``wav``/``flac``, video frames ``f00.png``, ``f01.png``, ... (:func:`frame_member`). Task ``segmentation`` (referring
+segmentation, one sample per object): ``label`` as for ``multi_label`` (the list ``[category index]``) plus the object
+mask, member ``mask.png`` (:data:`MASK_EXT`: single-channel, 0/255, the size of the sample's image).
 
 Locations: ``ROOT`` (and every path taken here) is a local path or a URL (``s3://bucket/prefix``, ``gs://...``,
 ``http(s)://host/path``, any fsspec protocol whose package is installed). Local paths are read exactly as always
@@ -48,6 +50,7 @@ __all__ = [
     "IMAGE_EXTS",
     "KEY_RE",
     "MANIFEST",
+    "MASK_EXT",
     "MODALITY_EXTS",
     "TASKS",
     "DatasetInfo",
@@ -83,7 +86,8 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 DATASET_INFO = "dataset.json"
-TASKS = ("single_label", "multi_label")
+TASKS = ("single_label", "multi_label", "segmentation")
+MASK_EXT = "mask.png"  # the object mask of a segmentation sample
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 EXT_RE = re.compile(r"^[a-z0-9]+(?:\.[a-z0-9]+)*$")  # "jpg", "txt", "f00.png" (multi-part, no leading dot)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff", "ppm")
