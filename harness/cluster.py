@@ -44,6 +44,9 @@ FORWARDED_ENV = (
     "MOPE_SCRATCH",
     "MOPE_CACHE",
     "HARNESS_FAKE_GPUS",
+    # CPU kernel selection (harness.provenance.NUMERICS_ENV): pinned on the driver, the same on every node
+    "ATEN_CPU_CAPABILITY",
+    "MKL_CBWR",
 )
 PACKAGES = ("harness", "mope", "mope_data", "datasets_prep", "reports")
 SCRATCH_ENV = "MOPE_SCRATCH"

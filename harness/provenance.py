@@ -85,6 +85,7 @@ def provenance(
                 "machine": platform.machine(),
             },
             "accelerator": accelerator_info(),
+            "cpu_numerics": cpu_numerics(),
             "datasets": manifest_checksums(manifests),
         },
     }
@@ -203,6 +204,35 @@ def _read_git_dir(repo: Path) -> dict[str, Any] | None:
 
 
 # -- accelerator ------------------------------------------------------------------------------------------------------
+# Environment variables that select CPU kernels (and so the last bits of every float result): recorded, and forwarded
+# to a cluster's workers (harness.cluster.FORWARDED_ENV), so runs that must agree bit for bit can pin them.
+NUMERICS_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def cpu_numerics() -> dict[str, Any]:
+    """What decides the last bits of CPU results: the CPU model and flags torch's kernels use (``cpu_capability``:
+    AVX2 / AVX512 / DEFAULT), the BLAS / oneDNN builds, the thread count, and the variables of :data:`NUMERICS_ENV`.
+    Two runs agree bit for bit only when these agree (same seed, same data): a CPU with another instruction set picks
+    other MKL and ATen kernels (README "Reproducibility")."""
+    info: dict[str, Any] = {"model": None, "env": {k: os.environ.get(k) for k in NUMERICS_ENV}}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            info["model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        info["model"] = platform.processor() or None
+    try:
+        import torch
+
+        cfg = torch.__config__.show()
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        info["num_threads"] = torch.get_num_threads()
+        info["blas"] = next((ln.strip(" -") for ln in cfg.splitlines() if "Math Kernel Library" in ln), None)
+        info["onednn"] = next((ln.strip(" -") for ln in cfg.splitlines() if "MKL-DNN" in ln or "oneDNN" in ln), None)
+    except Exception as e:  # noqa: BLE001 - provenance records what it can
+        info["error"] = f"{type(e).__name__}: {e}"
+    return info
+
+
 def accelerator_info() -> dict[str, Any]:
     """CUDA devices as torch sees them, plus the driver version from ``nvidia-smi`` when present."""
     info: dict[str, Any] = {"cuda_available": False, "gpus": [], "cuda": None, "cudnn": None, "driver": None}

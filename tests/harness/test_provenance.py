@@ -81,3 +81,21 @@ def test_not_a_repo(tmp_path, monkeypatch):
     monkeypatch.setattr(prov.shutil, "which", lambda name: None)
     rec = prov.provenance(repo=tmp_path)
     assert rec["run_info"]["git"]["sha"] is None
+
+
+def test_cpu_numerics_records_what_decides_the_last_bits(tmp_path, monkeypatch):
+    """The CPU kernels torch picks (and the variables that pin them) are in every run's provenance, and those
+    variables reach a cluster's workers."""
+    import torch
+
+    from harness.cluster import FORWARDED_ENV
+    from harness.provenance import NUMERICS_ENV, provenance
+
+    monkeypatch.setenv("MKL_CBWR", "AVX2")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    num = provenance([])["meta_info"]["cpu_numerics"]
+    assert num["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert num["num_threads"] == torch.get_num_threads()
+    assert num["env"]["MKL_CBWR"] == "AVX2" and num["env"]["ATEN_CPU_CAPABILITY"] is None
+    assert set(NUMERICS_ENV) >= {"ATEN_CPU_CAPABILITY", "MKL_CBWR"}
+    assert {"ATEN_CPU_CAPABILITY", "MKL_CBWR"} <= set(FORWARDED_ENV)
