@@ -258,7 +258,11 @@ def fig5(runs: pd.DataFrame, metric: str) -> Figure | Skipped:
     ax.set_ylabel(metric_label(metric))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    ax.set_title(f"{title} — {_setting(r)}", fontsize=10)
+    ax.set_title(
+        f"{title} ({datasets_label(r)}): {metric_label(metric)} vs training examples\n"
+        f"{backbones_label(r, 'vision')} + {backbones_label(r, 'text')}",
+        fontsize=10,
+    )
     fig.tight_layout()
     cap = (
         f"{metric_label(metric)} (mean ± std over seeds) against the number of training examples, one line per method."
@@ -317,12 +321,15 @@ def fig6(data: SweepData, runs: pd.DataFrame) -> Figure | Skipped:
         )
     fig, ax = plt.subplots(figsize=(9.0, 4.4))
     kmax = 0
+    drawn: dict[str, set[str | None]] = {}  # line style -> the routing keys of the lines drawn in it
     for i, (vals, g) in enumerate(groups(m, by)):
         c = _curve(data.history, list(g["run_id"]), "routing/entropy")
         if c.empty:
             continue
         color = COLORS.get(vals.get("mope.routing"), FALLBACK[i % len(FALLBACK)])
-        ls = "--" if vals.get("mope.routing_keys") == "learned" else "-"
+        keys = _routing_keys(g)
+        ls = "--" if keys == "learned" else "-"
+        drawn.setdefault(ls, set()).add(keys)
         lab = ", ".join(fmt_value(v) for v in vals.values()) + f" (n={int(c['n'].max())})"
         ax.plot(c["step"], c["mean"], color=color, ls=ls, lw=1.5, label=lab)
         ax.fill_between(
@@ -345,10 +352,33 @@ def fig6(data: SweepData, runs: pd.DataFrame) -> Figure | Skipped:
     fig.tight_layout()
     cap = (
         "Routing entropy −Σ r log2 r on the pre-top-1 softmax scores, averaged over the batch and all routed "
-        "blocks, against the training step; mean ± std over seeds (band). Solid: frozen orthogonal keys, dashed: "
-        "learned keys."
+        "blocks, against the training step; mean ± std over seeds (band)." + _keys_caption(drawn)
     )
     return Figure(key, title, cap, fig)
+
+
+KEY_NAMES = {"frozen_orthogonal": "frozen orthogonal keys", "learned": "learned keys"}
+
+
+def _routing_keys(runs: pd.DataFrame) -> str | None:
+    """The one mope.routing_keys value of a group of runs (None: not logged, or mixed)."""
+    vals = {str(v) for v in runs.get("mope.routing_keys", pd.Series(dtype=object)) if not is_missing(v)}
+    return vals.pop() if len(vals) == 1 else None
+
+
+def _keys_caption(drawn: dict[str, set[str | None]]) -> str:
+    """What the line styles of Fig. 6 mean, naming only the styles drawn (dashed = learned keys, solid = the rest);
+    nothing where no line's keys are known."""
+
+    def names(ls: str) -> str:
+        ks = sorted(drawn[ls], key=lambda k: (k is None, str(k)))
+        return " / ".join("keys not logged" if k is None else KEY_NAMES.get(k, f"{k} keys") for k in ks)
+
+    if "-" in drawn and "--" in drawn:
+        return f" Solid: {names('-')}, dashed: {names('--')}."
+    if len(drawn) != 1 or None in next(iter(drawn.values())):
+        return ""  # nothing drawn, or keys unknown for some lines: no line style to explain
+    return f" All runs use {names(next(iter(drawn)))}."
 
 
 # -- Fig. 7 -----------------------------------------------------------------------------------------------------------

@@ -177,20 +177,25 @@ def paper_tables(data: SweepData, metric: str) -> list[Table]:
     methods = list(dict.fromkeys(runs["method.name"].dropna()))
     if len(methods) >= 3:
         rows = []
+        # what tells one row of a method from another: MoPE's expert count k, a vanilla prompt's length L (its runs
+        # carry mope.num_experts too, only as the default behind L: no expert count of their own)
         t1 = runs.assign(
             _k=[
-                k if m in ("mope", "vanilla_prompt") else None
+                k if m == "mope" else None
                 for m, k in zip(runs["method.name"], runs.get("mope.num_experts", [None] * len(runs)))
-            ]
+            ],
+            _L=[L if m == "vanilla_prompt" else None for m, L in zip(runs["method.name"], runs["tunable_prompts"])],
         )
-        for vals, g in groups(t1, ["method.name", "_k"]):
-            meth, k = vals["method.name"], vals["_k"]
+        for vals, g in groups(t1, ["method.name", "_k", "_L"]):
+            meth, k, L = vals["method.name"], vals["_k"], vals["_L"]
             if is_missing(meth):  # a child run killed before its params were logged: nothing to tabulate
                 continue
             vis = next(iter(g.get("vision.name", pd.Series(dtype=object)).dropna()), None)
             prow = paper.table1_row(meth, k, vis)
             p = paper.TABLE1.get(prow, ("–", "–", "–", "–"))
-            name = meth + (f" (k={fmt_value(k)})" if not is_missing(k) else "")
+            name = meth + (
+                f" (k={fmt_value(k)})" if not is_missing(k) else f" (L={fmt_value(L)})" if not is_missing(L) else ""
+            )
             rows.append(
                 [
                     name,

@@ -294,7 +294,7 @@ def test_table1_skips_a_run_killed_before_its_params_were_logged(tmp_path):
     rows.append(_run(9, 2, status="KILLED", arm="vanilla", **{"method.name": None}))
     rep = build_report(_data(rows, {}, name="data_scaling"), tmp_path)
     t1 = next(t for t in rep.tables if t.key == "table1")
-    assert [r[0] for r in t1.rows] == ["mope (k=4)", "vanilla_prompt (k=4)", "sequential_fuse"]
+    assert [r[0] for r in t1.rows] == ["mope (k=4)", "vanilla_prompt (L=31)", "sequential_fuse"]
 
 
 def test_encoder_label_ignores_a_run_without_params():
