@@ -20,6 +20,7 @@ from reports.claims import EQUIVALENCE_MARGIN, Claim, claims_summary, evaluate_c
 from reports.data import (
     COLLAPSE_KEY,
     CONFIG_KEYS,
+    DATA_WAIT_LIMIT,
     ID_COLUMNS,
     STATUS_MISSING,
     SweepData,
@@ -126,6 +127,13 @@ def missing_items(data: SweepData, metric: str) -> tuple[list[str], list[str]]:
         missing.append(
             f"{COLLAPSE_KEY} not logged by these runs (trained before the collapse detector): a run that "
             "predicts one class cannot be told apart from a learning one"
+        )
+    wait = pd.to_numeric(fin["data_wait_frac"], errors="coerce")
+    for _, r in fin[wait > DATA_WAIT_LIMIT].iterrows():
+        warnings.append(
+            f"{r['label']} seed {r['seed']}: the step waited {float(r['data_wait_frac']):.1%} of its time for data "
+            f"(> {DATA_WAIT_LIMIT:.0%}): its step time measures the loader, not the method; give it more loader "
+            "workers (trainer.num_workers) or CPUs"
         )
     col = runs[runs["collapsed"].fillna(False).astype(bool)]
     for _, r in col.iterrows():

@@ -161,11 +161,16 @@ def attended_prompts(row: pd.Series) -> float:
     return tunable_prompts(row)
 
 
+DATA_WAIT_KEY = "perf/run_data_wait_frac"  # logged by every trial at its end (harness.recipe)
+DATA_WAIT_LIMIT = 0.05  # a trial whose step waited longer than this for data is flagged: the loader starved it
+
+
 def add_derived(runs: pd.DataFrame) -> pd.DataFrame:
-    """Adds ``tunable_prompts``, ``attended_prompts``, ``step_time_ms`` and ``collapsed`` to a runs table."""
+    """Adds ``tunable_prompts``, ``attended_prompts``, ``step_time_ms``, ``data_wait_frac`` and ``collapsed`` to a runs
+    table."""
     runs = runs.copy()
     if runs.empty:
-        for c in ("tunable_prompts", "attended_prompts", "step_time_ms", "collapsed"):
+        for c in ("tunable_prompts", "attended_prompts", "step_time_ms", "data_wait_frac", "collapsed"):
             runs[c] = pd.Series(dtype=float)
         return runs
     runs["tunable_prompts"] = runs.apply(tunable_prompts, axis=1)
@@ -181,6 +186,13 @@ def add_derived(runs: pd.DataFrame) -> pd.DataFrame:
         else pd.Series(math.nan, index=runs.index)
     )
     runs["step_time_ms"] = 1000.0 * bs / sps
+    # the share of step time spent waiting for the loader, whole run (older runs: the last windowed value)
+    wait = pd.Series(math.nan, index=runs.index)
+    for key in ("perf/data_wait_frac", DATA_WAIT_KEY):
+        if key in runs:
+            v = pd.to_numeric(runs[key], errors="coerce")
+            wait = v.where(v.notna(), wait)
+    runs["data_wait_frac"] = wait
     if COLLAPSE_KEY in runs:
         runs["collapsed"] = pd.to_numeric(runs[COLLAPSE_KEY], errors="coerce") >= COLLAPSE_THRESHOLD
     else:
@@ -299,6 +311,8 @@ __all__ = [
     "COLLAPSE_KEY",
     "COLLAPSE_THRESHOLD",
     "CONFIG_KEYS",
+    "DATA_WAIT_KEY",
+    "DATA_WAIT_LIMIT",
     "ID_COLUMNS",
     "STATUS_MISSING",
     "SweepData",

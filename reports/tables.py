@@ -14,6 +14,8 @@ import pandas as pd
 from reports import paper
 from reports.claims import prompt_set
 from reports.data import (
+    DATA_WAIT_KEY,
+    DATA_WAIT_LIMIT,
     SweepData,
     add_derived,
     aggregate,
@@ -56,6 +58,12 @@ def _mean_cell(runs: pd.DataFrame, metric: str, fmt: str = "{:.0f}") -> str:
     return fmt.format(v.mean()) if len(v) else "–"
 
 
+def _wait_cell(runs: pd.DataFrame) -> str:
+    """Mean (max) share of step time the loader made the step wait, over the group's FINISHED runs."""
+    v = pd.to_numeric(runs.loc[runs["status"] == "FINISHED", "data_wait_frac"], errors="coerce").dropna()
+    return "–" if v.empty else f"{v.mean():.1%} (max {v.max():.1%})"
+
+
 def results_table(data: SweepData, metric: str) -> Table:
     """One row per point (arm × axis values): seeds finished, val / test (selected) / test (last weights), trainable
     parameters, step time, wall time per trial."""
@@ -74,6 +82,7 @@ def results_table(data: SweepData, metric: str) -> Table:
         f"test, last weights ({last})",
         "trainable params",
         "step (ms)",
+        "data wait",
         "wall per trial (s)",
     ]
     rows, marks = [], []
@@ -94,18 +103,23 @@ def results_table(data: SweepData, metric: str) -> Table:
                 _agg_cell(g, last),
                 _mean_cell(g, "cost/trainable_params", "{:,.0f}"),
                 _mean_cell(g, "step_time_ms"),
+                _wait_cell(g),
                 _mean_cell(g, "wall_s"),
             ]
         )
         n_col = int(g["collapsed"].fillna(False).astype(bool).sum())
-        marks.append(f"{n_col} collapsed run(s): one class predicted" if n_col else "")
+        starved = int((pd.to_numeric(g["data_wait_frac"], errors="coerce") > DATA_WAIT_LIMIT).sum())
+        mark = [f"{n_col} collapsed run(s): one class predicted"] if n_col else []
+        mark += [f"{starved} run(s) waited > {DATA_WAIT_LIMIT:.0%} of step time for data"] if starved else []
+        marks.append("; ".join(mark))
     return Table(
         "results",
         "All points of the sweep",
         cols,
         rows,
         note=f"mean ± std over seeds (n = runs with the metric); {metric_label(metric)}; step time from "
-        "perf/train_samples_per_s × batch; wall = MLflow run start to end.",
+        "perf/train_samples_per_s × batch; data wait = share of step time spent waiting for the loader "
+        f"({DATA_WAIT_KEY}), flagged above {DATA_WAIT_LIMIT:.0%}; wall = MLflow run start to end.",
         marks=marks,
     )
 

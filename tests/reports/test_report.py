@@ -220,3 +220,26 @@ def test_parent_run_page_tells_the_story(evl):
     assert len(client.get_metric_history(pid, "summary/mope/test_acc_mean")) == 3  # nothing logged twice
     child = client.search_runs([exp.experiment_id], filter_string="tags.`axis.num_experts` = '8'")
     assert len(child) == 6 and {r.data.tags["harness.arm"] for r in child} == {"mope", "vanilla"}
+
+
+def test_data_wait_per_point_and_a_starved_trial_is_flagged(tmp_path):
+    """The results table shows each point's share of step time spent waiting for data (mean and max over seeds);
+    a trial above 5 % is marked on its row and named in the warnings."""
+
+    def wait(v):
+        starved = v["method"] == "mope" and v["k"] == 4 and v["seed"] == 1
+        return {"perf/run_data_wait_frac": 0.12 if starved else 0.01 + 0.001 * v["seed"]}
+
+    uri = make_store(tmp_path, "expert_vs_length", _acc_scaling, extra=wait)[0]
+    out = tmp_path / "report"
+    assert _report(uri, out, "--sweep", "expert_vs_length") == 0
+    md = (out / "report.md").read_text()
+    header = next(ln for ln in md.splitlines() if ln.startswith("| arm |") and "data wait" in ln)
+    col = [c.strip() for c in header.strip("|").split("|")].index("data wait")
+    rows = [ln for ln in md.splitlines() if ln.startswith("| mope | 4 |") or ln.startswith("| mope | 2 |")]
+    cells = {ln.split("|")[2].strip(): [c.strip() for c in ln.strip("|").split("|")] for ln in rows}
+    assert cells["4"][col] == f"{statistics.mean([0.01, 0.12, 0.012]):.1%} (max 12.0%)"
+    assert cells["2"][col] == "1.1% (max 1.2%)"
+    assert "1 run(s) waited > 5% of step time for data" in md
+    warn = [ln for ln in md.splitlines() if "waited 12.0% of its time for data" in ln]
+    assert len(warn) == 1 and "seed 1" in warn[0] and "trainer.num_workers" in warn[0]
