@@ -330,3 +330,40 @@ def test_collate_frames_must_agree():
     with pytest.raises(ValueError, match=r"sample b: no video frames, but sample a"):
         collate([smp("a", 3), smp("b")])
     assert "frames" not in collate([smp("a"), smp("b")])
+
+
+def test_to_normalized_tensor_is_bit_identical_to_torchvision():
+    """The fused image step equals T.ToTensor() + T.Normalize(mean, std) bit for bit (RGB and other modes)."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from mope_data.transforms import ToNormalizedTensor
+
+    mean, std = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)
+    ref = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    ours = ToNormalizedTensor(mean, std)
+    rng = np.random.default_rng(0)
+    for w, h in ((16, 16), (17, 9), (224, 224)):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+        a, b = ref(img), ours(img)
+        assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape == (3, h, w)
+        assert torch.equal(a, b)
+    grey = Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L")
+    assert torch.equal(ref(grey.convert("RGB")), ours(grey))
+
+
+def test_tokens_are_memoised_without_changing_them(tmp_path):
+    from mope_data import LoaderConfig
+    from mope_data.format import DatasetInfo
+    from mope_data.transforms import SampleProcessor, _get_tokenizer
+
+    cfg = LoaderConfig(data_dir=str(tmp_path), batch_size=4)
+    info = DatasetInfo(name="demo", task="single_label", labels=["a", "b"], modalities=("text",), root=tmp_path)
+    proc = SampleProcessor(cfg, info, train=False)
+    tok = _get_tokenizer(proc.tokenizer_path)
+    for text in ("a red digit", "a red digit", "", "ünïcödé text " * 40):
+        ids, mask, types, pad = proc._tokens(text)
+        enc = tok(text, truncation=True, max_length=cfg.max_text_len, return_token_type_ids=True)
+        assert list(ids) == enc["input_ids"] and list(mask) == enc["attention_mask"]
+        assert list(types) == enc["token_type_ids"] and pad == tok.pad_token_id
+    assert len(proc._token_memo) == 3
