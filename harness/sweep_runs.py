@@ -168,6 +168,9 @@ def sweep_outcome(
         flush=True,
     )
     _print_failures(sid, children, missing, exp_dir, out)
+    hint = review_hint(trials[0]["cfg"], parent_run_id)
+    if hint:
+        print(f"[{sid}] review: {hint}", file=out, flush=True)
     if missing:
         print(
             f"[{sid}] not finished: "
@@ -181,6 +184,25 @@ def sweep_outcome(
             flush=True,
         )
     return (0 if not missing else 1), status
+
+
+def review_hint(cfg: dict[str, Any], parent_run_id: str) -> str | None:
+    """Where to look at the sweep in the MLflow UI: the command that serves a local store, and the link to the
+    experiment's runs table. (MLflow 3.17's UI opens an experiment on its GenAI view whatever the experiment's
+    ``mlflow.experimentKind`` tag says, until "Model training" is clicked once; the ``/runs`` link goes straight to the
+    table.)"""
+    from harness.tracking import is_http_uri
+
+    uri, _ = tracking_target(cfg)
+    try:
+        client, _ = _client_and_experiment(cfg)
+        exp_id = client.get_run(parent_run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - a hint only; the sweep's outcome is printed already
+        return None
+    page = f"#/experiments/{exp_id}/runs"
+    if is_http_uri(uri):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"mlflow ui --host 127.0.0.1 --backend-store-uri {uri}, then http://127.0.0.1:5000/{page}"
 
 
 def _print_failures(sid: str, children: list[Any], missing: list[dict[str, Any]], exp_dir: Path, out) -> None:

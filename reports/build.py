@@ -211,9 +211,9 @@ def run_description(data: SweepData, rep: Report, artifact_path: str = "report")
     """The parent run's description (``mlflow.note.content``, Markdown): what the sweep is, how many trials
     finished, each claim's verdict with its deciding statistic, and where the report and figures are among the run's
     artifacts. Cut (with a note) to :data:`NOTE_MAX_CHARS`."""
-    lines = [f"**Sweep {data.name}**: the report is in the artifacts, `{artifact_path}/report.html` (figures, tables,"]
-    lines[0] += f" claims; also `{artifact_path}/report.md`, `{artifact_path}/results.csv`)."
-    lines += [""] + [f"- {x}" for x in _meta_lines(data, rep)[:3]] + ["", "**Claims**: " + _summary_line(rep), ""]
+    lines = [f"**Sweep {data.name}. Claims**: {_summary_line(rep)} Report: `{artifact_path}/report.html`.", ""]
+    lines += [f"- {x}" for x in _meta_lines(data, rep)[:3]] + [""]
+    lines += [f"Also `{artifact_path}/report.md` and `{artifact_path}/results.csv` among the artifacts.", ""]
     for i, c in enumerate(rep.claims, 1):
         lines.append(f"{i}. **{c.verdict}**: {c.text} ({c.source})")
         for r in c.rows:

@@ -97,6 +97,9 @@ class MlflowServer(ServerProcess):
 
     def _child_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+        # no job runner (6 extra processes, a /dev/shm folder left behind per start, 3x slower start-up); no telemetry
+        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+        env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
