@@ -484,35 +484,27 @@ def convert_variant(
     )
 
 
-@register_dataset("refcoco")
-def convert(
-    src: Path | None,
-    out: Path,
-    *,
-    shard_size: int = 1000,
-    skip_bad: bool = False,
-    images: str | Path | None = None,
-    max_side: int = DEFAULT_MAX_SIDE,
-    splits: str | list[str] = "train,val,testA,testB",
-    min_shards: int = 32,
-) -> dict:
-    """Convert RefCOCO (``SRC/refcoco/refs(unc).p`` + ``instances.json`` + COCO train2014 images)."""
-    opts = {"images": images, "max_side": max_side, "splits": splits, "min_shards": min_shards}
-    return convert_variant(VARIANTS["refcoco"], src, out, shard_size=shard_size, skip_bad=skip_bad, **opts)
+def _converter(name: str):
+    """The registered converter of one variant (its keyword parameters are the ``--opt`` options the registry
+    accepts)."""
+
+    def convert(
+        src: Path | None,
+        out: Path,
+        *,
+        shard_size: int = 1000,
+        skip_bad: bool = False,
+        images: str | Path | None = None,
+        max_side: int = DEFAULT_MAX_SIDE,
+        splits: str | list[str] = "train,val,testA,testB",
+        min_shards: int = 32,
+    ) -> dict:
+        opts = {"images": images, "max_side": max_side, "splits": splits, "min_shards": min_shards}
+        return convert_variant(VARIANTS[name], src, out, shard_size=shard_size, skip_bad=skip_bad, **opts)
+
+    convert.__doc__ = f"Convert {name} (``SRC/{name}/refs(unc).p`` + ``instances.json`` + COCO train2014 images)."
+    return convert
 
 
-@register_dataset("refcoco+")
-def convert_plus(
-    src: Path | None,
-    out: Path,
-    *,
-    shard_size: int = 1000,
-    skip_bad: bool = False,
-    images: str | Path | None = None,
-    max_side: int = DEFAULT_MAX_SIDE,
-    splits: str | list[str] = "train,val,testA,testB",
-    min_shards: int = 32,
-) -> dict:
-    """Convert RefCOCO+ (``SRC/refcoco+/refs(unc).p`` + ``instances.json`` + COCO train2014 images)."""
-    opts = {"images": images, "max_side": max_side, "splits": splits, "min_shards": min_shards}
-    return convert_variant(VARIANTS["refcoco+"], src, out, shard_size=shard_size, skip_bad=skip_bad, **opts)
+convert = register_dataset("refcoco")(_converter("refcoco"))
+convert_plus = register_dataset("refcoco+")(_converter("refcoco+"))
