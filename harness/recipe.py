@@ -130,6 +130,7 @@ def open_tracker(
         tags={"harness.method": cfg["method"]["name"], "harness.dataset": cfg["data"]["name"], **(tags or {})},
         params=flatten_config(params),
         enabled=bool(t.get("enabled", True)),
+        system_metrics_s=t.get("system_metrics_s"),
     )
 
 

@@ -409,6 +409,7 @@ class MLflowTracker:
         self._next_try = 0.0
         self._backoff = 1.0
         self._gave_up = False
+        self._system_monitor: Any = None
 
     @property
     def run_id(self) -> str:
@@ -716,9 +717,30 @@ class MLflowTracker:
                 self._store_down(e)
                 time.sleep(max(0.05, min(self._next_try, deadline) - time.monotonic()))
 
+    def log_system_metrics(self, interval_s: float = 10.0, node_id: str | None = None) -> None:
+        """Samples CPU, memory, disk, network (and GPU when present) every `interval_s` into the run's ``system/*``
+        metrics, through MLflow's own system-metrics monitor (a background thread; stopped by :meth:`finish`). A
+        resumed run continues its step count."""
+        if self._system_monitor is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system_monitor = SystemMetricsMonitor(
+            self._run_id,
+            sampling_interval=float(interval_s),
+            samples_before_logging=1,
+            resume_logging=self.resumed,
+            node_id=node_id,
+            tracking_uri=self.client.tracking_uri,
+        )
+        self._system_monitor.start()
+
     def finish(self, status: RunStatus = "FINISHED") -> None:
         """Logs everything buffered (waiting for the store up to :attr:`retry_s`), then ends the run with `status`."""
         _check_status(status)
+        if self._system_monitor is not None:
+            monitor, self._system_monitor = self._system_monitor, None
+            monitor.finish()
         self.flush()
         self._retrying(self.client.set_terminated, self._run_id, status)
         self._finished = True
@@ -799,14 +821,19 @@ def make_tracker(
     tags: Mapping[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
     enabled: bool = True,
+    system_metrics_s: float | None = None,
 ) -> Tracker:
     """The tracker for one worker process: :class:`MLflowTracker` on rank 0, :class:`NoopTracker` elsewhere (and
-    when `enabled` is false or `tracking_uri` is None)."""
+    when `enabled` is false or `tracking_uri` is None). `system_metrics_s`: sample system metrics at that interval
+    (:meth:`MLflowTracker.log_system_metrics`); None: off."""
     if rank != 0 or not enabled or tracking_uri is None:
         return NoopTracker()
-    return MLflowTracker.open(
+    tracker = MLflowTracker.open(
         tracking_uri, experiment, run_name, trial_key, parent_run_id=parent_run_id, tags=tags, params=params
     )
+    if system_metrics_s:
+        tracker.log_system_metrics(system_metrics_s)
+    return tracker
 
 
 __all__ = [

@@ -196,3 +196,19 @@ def test_feature_cache_encodes_each_distinct_input_once_and_matches_direct(small
     encoded.clear()
     FeatureCache(tmp_path, "k").build(model, lcfg, ["val"], rank=0, world_size=1)
     assert encoded == []
+
+
+def test_system_metrics_are_logged_by_mlflows_monitor(small_demo, tmp_path, monkeypatch):
+    """tracking.system_metrics_s: MLflow's own system-metrics monitor samples the run (system/* metrics) and is
+    stopped with the run; null turns it off."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    on = train(cfg_for(small_demo, tmp_path / "on", "trainer.epochs=2", "tracking.system_metrics_s=0.5"))
+    off = train(cfg_for(small_demo, tmp_path / "off", "trainer.epochs=1", "tracking.system_metrics_s=null"))
+    m_on = _client(cfg_for(small_demo, tmp_path / "on")).get_run(on["run_id"]).data.metrics
+    m_off = _client(cfg_for(small_demo, tmp_path / "off")).get_run(off["run_id"]).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(m_on), sorted(m_on)
+    assert not [k for k in m_off if k.startswith("system/")]
+    import threading
+
+    assert not [t for t in threading.enumerate() if "SystemMetricsMonitor" in t.name]  # stopped with the run
