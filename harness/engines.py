@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from harness.ds_config import deepspeed_config
-from mope import predictions, task_loss
+from mope import predictions
 from mope.config import Task
+from mope.heads import iou_counts, seg_metrics
+from mope.model import task_target
 
 if TYPE_CHECKING:
     from harness.feature_cache import FeatureCache
@@ -127,9 +129,12 @@ def _init_single_process_dist(world_size: int) -> None:
 
 
 def evaluate(engine, loader, task: Task, cache: FeatureCache | None, split: str, world_size: int) -> dict[str, float]:
+    """Loss and the task's metrics on one split (accuracy; F1 macro/micro for multi-label; mIoU, oIoU and prec@X of
+    :func:`mope.heads.seg_metrics` for segmentation), gathered over the ranks."""
     model = engine.module
     was_training = model.training
     model.eval()
+    seg = task == Task.SEGMENTATION
     preds, labels, loss_sum, n = [], [], 0.0, 0
     with torch.no_grad():
         for batch in loader:
@@ -137,10 +142,16 @@ def evaluate(engine, loader, task: Task, cache: FeatureCache | None, split: str,
                 batch["comp_feat"] = cache.lookup(split, batch["key"])
             out = engine.forward(batch)
             logits = out.logits.float()
-            loss_sum += float(task_loss(logits, batch["label"], task)) * logits.shape[0]
+            target = task_target(batch, task).to(logits.device)
+            loss_sum += float(model.loss(logits, target)) * logits.shape[0]
             n += logits.shape[0]
-            preds.append(predictions(logits, task).cpu())
-            labels.append(batch["label"].cpu())
+            if seg:  # per-sample pixel counts, never whole masks: a split's masks would not fit in memory
+                inter, union = iou_counts(logits, target)
+                preds.append(inter.cpu())
+                labels.append(union.cpu())
+            else:
+                preds.append(predictions(logits, task).cpu())
+                labels.append(target.cpu())
     model.train(was_training)
     p, y = torch.cat(preds), torch.cat(labels)
     if world_size > 1:  # eval splits differ per rank: gather everything (small) on all ranks
@@ -150,6 +161,11 @@ def evaluate(engine, loader, task: Task, cache: FeatureCache | None, split: str,
         y = torch.cat([g[1] for g in gathered])
         loss_sum, n = sum(g[2] for g in gathered), sum(g[3] for g in gathered)
     res = {"loss": loss_sum / max(n, 1), "n": float(n)}
+    if seg:
+        res.update(seg_metrics(p, y))
+        # collapse detector of segmentation: the share of samples whose predicted mask misses the object entirely
+        res["miss_frac"] = float(((p == 0) & (y > 0)).double().mean()) if len(p) else 0.0
+        return res
     res["pred_class_frac_max"] = pred_class_frac_max(p)
     if task == Task.MULTI_LABEL:
         from sklearn.metrics import f1_score

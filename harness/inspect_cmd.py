@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             rep = inspect_preset(name)
             comp = ",".join(rep["complementary"]) or "-"
             print(
-                f"{name:<44}{rep['method']:<20}main={rep['main']:<7}comp={comp:<12}"
+                f"{name:<48} {rep['method']:<20}main={rep['main']:<7}comp={comp:<12}"
                 f"trainable {_fmt(rep['trainable']):>9} of {_fmt(rep['total'])}"
             )
         if args.list:

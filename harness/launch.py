@@ -64,9 +64,13 @@ RAY_STOPS = (KeyboardInterrupt, SystemExit)  # Ctrl-C, or Ray stopping the trial
 
 # -- one trial --------------------------------------------------------------------------------------------------------
 def selection_metric(cfg: dict[str, Any]) -> str:
-    """The recipe's model-selection metric: ``val/acc_best`` (single-label) or ``val/f1_micro_best`` (multi-label).
-    Reported to Tune also as ``objective``, the default objective of a spec, so a spec works for every dataset."""
-    return "val/f1_micro_best" if cfg["data"]["task"] == "multi_label" else "val/acc_best"
+    """The recipe's model-selection metric: ``val/acc_best`` (single-label), ``val/f1_micro_best`` (multi-label) or
+    ``val/miou_best`` (segmentation). Reported to Tune also as ``objective``, the default objective of a spec, so a
+    spec works for every dataset."""
+    from harness.recipe import objective_key
+    from mope.config import Task
+
+    return f"val/{objective_key(Task(cfg['data']['task']))}_best"
 
 
 def _tune_metrics(m: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
@@ -448,7 +452,7 @@ def prepare_shared_inputs(cfgs: list[dict[str, Any]]) -> None:
     from harness.compose import fusion_config
     from harness.feature_cache import FeatureCache
     from harness.node_cache import feature_cache_root, localize_weights
-    from harness.run_setup import loader_config, prepare_data
+    from harness.run_setup import cached_splits, loader_config, prepare_data
     from mope_data.format import MissingShardsError, ShardFormatError, is_url, join, read_fewshot
 
     for cfg in cfgs:
@@ -500,7 +504,7 @@ def prepare_shared_inputs(cfgs: list[dict[str, Any]]) -> None:
             try:
                 lcfg = loader_config(cfg, shard_dir)
                 FeatureCache(feature_cache_root(shard_dir), FeatureCache.key_for(model, shard_dir, lcfg)).build(
-                    model, lcfg, ["train", "val", "test"], rank=0, world_size=1
+                    model, lcfg, cached_splits(cfg), rank=0, world_size=1
                 )
             finally:
                 torch.set_num_threads(threads)

@@ -42,17 +42,20 @@ from harness.feature_cache import FeatureCache
 from harness.run_setup import (
     RUN_CONTROL_KEYS,
     UNLOGGED_METRICS_FILE,
+    cached_splits,
     check_modalities,
     config_id,
     loader_config,
     prepare_data,
     run_dir_of,
     seed_everything,
+    test_splits,
 )
 from harness.tracking import RunLifecycle, Tracker, default_tracking_uri, flatten_config, make_tracker
-from mope import build_model, task_loss
+from mope import build_model
 from mope.adapter_io import save_adapter
 from mope.config import Task
+from mope.model import task_target
 
 log = logging.getLogger("harness.worker")  # the logger name training logs have always carried
 
@@ -192,7 +195,7 @@ def learning_rates(tr: dict[str, Any]) -> dict[str, float]:
 
 
 def objective_key(task: Task) -> str:
-    return "f1_micro" if task == Task.MULTI_LABEL else "acc"
+    return {Task.MULTI_LABEL: "f1_micro", Task.SEGMENTATION: "miou"}.get(task, "acc")
 
 
 # -- the steps --------------------------------------------------------------------------------------------------------
@@ -286,14 +289,18 @@ class TrainingRun:
                 )
             self.batches_per_epoch = min(self.batches_per_epoch, int(tr["max_steps_per_epoch"]))
         self.val_loader = make_eval_loader(lcfg, "val", rank, world)
-        self.test_loader = make_eval_loader(lcfg, "test", rank, world)
+        self.test_splits = test_splits(self.cfg)
+        self.test_loaders = {
+            sp: self.val_loader if sp == "val" else make_eval_loader(lcfg, sp, rank, world) for sp in self.test_splits
+        }
+        self.lcfg = lcfg
         self.cache: FeatureCache | None = None
         if self.model.comp_is_blackbox:
             from harness.node_cache import feature_cache_root
 
             key = FeatureCache.key_for(self.model, self.shard_dir, lcfg)
             self.cache = FeatureCache(feature_cache_root(self.shard_dir), key)
-            self.cache.build(self.model, lcfg, ["train", "val", "test"], rank=rank, world_size=world)
+            self.cache.build(self.model, lcfg, cached_splits(self.cfg), rank=rank, world_size=world)
 
     def _build_engine(self) -> None:
         cfg, tr, model = self.cfg, self.tr, self.model
@@ -367,7 +374,7 @@ class TrainingRun:
         if self.cache is not None:
             batch["comp_feat"] = self.cache.lookup("train", batch["key"])
         out = self.engine.forward(batch)
-        loss = task_loss(out.logits.float(), batch["label"], self.task) + out.aux_loss
+        loss = self.model.loss(out.logits.float(), task_target(batch, self.task)) + out.aux_loss
         if self.injected:
             loss = faults.after_step(self.injected, self.step + 1, loss)
         if not torch.isfinite(loss):
@@ -501,9 +508,28 @@ class TrainingRun:
         return summary
 
     def _test_metrics(self) -> dict[str, float]:
-        """Test with the last weights, then with the selected (best-val) adapter."""
-        last = evaluate(self.engine, self.test_loader, self.task, self.cache, "test", self.world_size)
-        final = {f"final/test_{k}_last": v for k, v in last.items() if k != "n"}
+        """Each of ``data.test_splits`` with the last weights, then with the selected (best-val) adapter; keys
+        ``final/<split>_<metric>`` (``final/test_acc``; RefCOCO ``final/testA_miou``), ``..._last`` for the last
+        weights."""
+
+        def score_all() -> dict[str, dict[str, float]]:
+            return {
+                sp: evaluate(self.engine, loader, self.task, self.cache, sp, self.world_size)
+                for sp, loader in self.test_loaders.items()
+            }
+
+        def keyed(scores: dict[str, dict[str, float]], suffix: str) -> dict[str, float]:
+            out = {f"final/{sp}_{k}{suffix}": v for sp, res in scores.items() for k, v in res.items() if k != "n"}
+            held_out = [sp for sp in scores if sp not in ("val", "test")]
+            if held_out and "test" not in scores:  # RefCOCO's testA + testB: final/test_* over their union
+                n = sum(scores[sp]["n"] for sp in held_out)
+                for k in ("miou", "prec50", "prec70", "prec90", "acc", "loss"):
+                    if all(k in scores[sp] for sp in held_out):
+                        out[f"final/test_{k}{suffix}"] = sum(scores[sp][k] * scores[sp]["n"] for sp in held_out) / n
+            return out
+
+        last = score_all()
+        final = keyed(last, "_last")
         if self.best_dir.is_dir():
             if self.best["step"] == self.step:  # the selected adapter was saved from these very weights: same scores
                 sel = last
@@ -511,11 +537,21 @@ class TrainingRun:
                 from mope.adapter_io import load_adapter
 
                 load_adapter(self.model, self.best_dir)
-                sel = evaluate(self.engine, self.test_loader, self.task, self.cache, "test", self.world_size)
-            final.update({f"final/test_{k}": v for k, v in sel.items() if k != "n"})
+                sel = score_all()
+            final.update(keyed(sel, ""))
+            if self.task == Task.SEGMENTATION and self.is_main:
+                self._log_mask_examples()
         final[f"final/val_{self.objective}_best"] = self.best["value"]
         final["final/best_step"] = float(self.best["step"])
         return final
+
+    def _log_mask_examples(self) -> None:
+        """Predicted masks of the first val samples with the selected adapter, for the report's mask figure."""
+        from harness.mask_examples import MASK_EXAMPLES_DIR, collect, write
+
+        out = self.run_dir / MASK_EXAMPLES_DIR
+        write(out, collect(self.engine, self.val_loader, self.lcfg, self.cache))
+        self.tracker.log_artifact(str(out), MASK_EXAMPLES_DIR)
 
     def _perf_metrics(self) -> dict[str, float]:
         wall = time.perf_counter() - self.t_run

@@ -73,17 +73,33 @@ def prepare_data(cfg: dict[str, Any]) -> Path | str:
             )
         return url
     shard_dir = Path(d["shard_dir"])
-    if d["name"] == "demo" and d.get("auto_prepare") and not (shard_dir / "dataset.json").is_file():
+    if d["name"] in ("demo", "ris_demo") and d.get("auto_prepare") and not (shard_dir / "dataset.json").is_file():
         # build only when nothing is there: an existing build (maybe a custom-sized one) is never replaced here
-        from datasets_prep.demo import ensure_demo
+        if d["name"] == "demo":
+            from datasets_prep.demo import ensure_demo as ensure
+        else:
+            from datasets_prep.ris_demo import ensure_ris_demo as ensure
 
-        ensure_demo(shard_dir)
+        ensure(shard_dir)
     if not (shard_dir / "train" / "manifest.json").is_file():
         raise FileNotFoundError(
             f"data.shard_dir={shard_dir}: no train/manifest.json; run `harness prep {d['name']} --src RAW --out "
             f"{shard_dir}`"
         )
     return shard_dir
+
+
+def test_splits(cfg: dict[str, Any]) -> list[str]:
+    """The splits scored at the end (``data.test_splits``; default ``[test]``; RefCOCO: ``[val, testA, testB]``)."""
+    splits = cfg["data"].get("test_splits") or ["test"]
+    if isinstance(splits, str) or not all(isinstance(x, str) and x for x in splits):
+        raise ValueError(f"data.test_splits={splits!r}: a list of split names, e.g. [test] or [val, testA, testB]")
+    return list(splits)
+
+
+def cached_splits(cfg: dict[str, Any]) -> list[str]:
+    """Every split a run reads: train, val and the test splits (what a feature cache must hold)."""
+    return ["train", "val", *(sp for sp in test_splits(cfg) if sp not in ("train", "val"))]
 
 
 def loader_config(cfg: dict[str, Any], shard_dir: Path | str):

@@ -83,6 +83,10 @@ class Method(_StrEnum):
 class Task(_StrEnum):
     SINGLE_LABEL = "single_label"  # CE, accuracy
     MULTI_LABEL = "multi_label"  # BCE-with-logits, F1 macro/micro at sigmoid > 0.5
+    SEGMENTATION = "segmentation"  # referring segmentation: a mask per sample, BCE + Dice, mIoU / oIoU
+
+
+SEG_LOSSES = ("bce_dice", "bce")
 
 
 X0_POOL_VALUES = ("auto", "mean_all_tokens", "cls", "mean_patches")
@@ -275,6 +279,18 @@ class FusionConfig:
     vanilla_prompt_len: int | None = field(
         default=None, metadata={"help": "L for vanilla_prompt; None = (k+1)·l+1 from mope.num_experts/prompt_len"}
     )
+    seg_channels: int = field(
+        default=256, metadata={"help": "task segmentation: width of the SETR-PUP head's convolutions (SETR: 256)"}
+    )
+    seg_num_convs: int | None = field(
+        default=None,
+        metadata={
+            "help": "SETR-PUP conv + x2-upsampling stages; None = log2(patch stride), so the mask comes out at the "
+            "input resolution (ViT/16: 4 as SETR, Swin/32: 5, the demo ViT/4: 2)"
+        },
+    )
+    seg_loss: str = field(default="bce_dice", metadata={"help": "bce_dice (BCE + Dice, equal weights) | bce"})
+    seg_dice_weight: float = field(default=1.0, metadata={"help": "weight of the Dice term in bce_dice"})
 
     def __post_init__(self) -> None:
         self.method = _coerce_enum("model", "method", self.method, Method)
@@ -317,6 +333,24 @@ class FusionConfig:
         if self.audio is not None:
             _check(self.audio.kind == "hf_wav2vec2", "audio", "kind", self.audio.kind, "'hf_wav2vec2'")
         _check(self.num_classes >= 1, "model", "num_classes", self.num_classes, ">= 1")
+        _check(self.seg_loss in SEG_LOSSES, "model", "seg_loss", self.seg_loss, f"one of {SEG_LOSSES}")
+        _check(self.seg_channels >= 1, "model", "seg_channels", self.seg_channels, ">= 1")
+        if self.seg_num_convs is not None:
+            _check(self.seg_num_convs >= 1, "model", "seg_num_convs", self.seg_num_convs, ">= 1 or null")
+        _check(self.seg_dice_weight >= 0, "model", "seg_dice_weight", self.seg_dice_weight, ">= 0")
+        if self.task == Task.SEGMENTATION:
+            from mope.methods import METHODS
+
+            spec = METHODS[self.method]
+            _check(
+                self.main == "vision" and spec.use_main and spec.head_input == "main",
+                "model",
+                "method",
+                self.method.value,
+                "task segmentation puts a dense head on the main vision encoder's patch tokens: use model.main=vision "
+                "and a method whose head reads the main encoder (mope, sequential_fuse, p_sequential_fuse, "
+                "vanilla_prompt, img_only, p_img_only, promptfuse)",
+            )
         _check(self.comp_prompt_len >= 0, "model", "comp_prompt_len", self.comp_prompt_len, ">= 0")
 
     @property

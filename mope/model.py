@@ -5,7 +5,8 @@ of Table 1/2, the vanilla-prompt arm of Fig. 4) is a configuration of these part
 Batch contract (built by the data loader; no tokenization here):
     image (B,3,H,W) float; input_ids / attention_mask / token_type_ids (B,T) long;
     audio / audio_mask (B,L) 16 kHz waveform + validity (MUStARD); frames (B,T,3,H,W) [+ frames_mask (B,T)];
-    optional comp_feat (B, d): precomputed feature of a black-box complementary encoder (feature cache).
+    optional comp_feat (B, d): precomputed feature of a black-box complementary encoder (feature cache);
+    task segmentation: mask (B,H,W) float {0,1}, the referred object at the image's resolution.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from torch import Tensor, nn
 
 from mope.backbones import DEFAULT_ROUTE_BLOCK0, DEFAULT_X0_POOL, PromptableEncoder, create_encoder
 from mope.config import EncoderConfig, FusionConfig, Method, MoPEConfig, Task
+from mope.heads import SETRPUPHead, default_num_convs, seg_loss
 from mope.methods import METHODS, MethodSpec, comp_prompt_len, main_prompt_config, reads_complementary
 from mope.prompts import PromptGenerator, RoutingStats
 
 
 @dataclass
 class FusionOutput:
-    logits: Tensor
+    logits: Tensor  # (B, num_classes); task segmentation: (B, 1, H, W) mask logits at the input resolution
     aux_loss: Tensor  # w_imp · L_imp (0 when no routing)
     imp_loss: Tensor | None
     routing: RoutingStats | None
@@ -166,7 +168,18 @@ class FusionModel(nn.Module):
 
         main_dim = self.main_encoder.layout.out_dim if self.main_encoder else 0
         head_in = {"main": main_dim, "comp": comp_dim, "concat": main_dim + comp_dim}[self.spec.head_input]
-        self.head = nn.Linear(head_in, cfg.num_classes)
+        self.head: nn.Module
+        if cfg.task == Task.SEGMENTATION:  # a dense head on the main encoder's patch grid (config checks main=vision)
+            stride = self.main_encoder.out_stride
+            if stride is None:
+                raise ValueError(f"{main_cfg.kind} has no patch grid: task segmentation needs a vision main encoder")
+            self.head = SETRPUPHead(
+                self.main_encoder.layout.block_dims[-1],
+                channels=cfg.seg_channels,
+                num_convs=cfg.seg_num_convs or default_num_convs(stride),
+            )
+        else:
+            self.head = nn.Linear(head_in, cfg.num_classes)
         self.set_trainable()
         self.train()  # apply the frozen-encoder mode policy from the start (nn.Module starts in train mode)
 
@@ -248,6 +261,12 @@ class FusionModel(nn.Module):
         if self.main_encoder is not None:
             inputs = _inputs_for(self.main_modality, batch)
             p = self.main_prompts.bind(psi, _batch_size(inputs)) if self.main_prompts is not None else None
+            if self.cfg.task == Task.SEGMENTATION:
+                grid = self.main_encoder.forward_patches(inputs, p)
+                logits = self.head(grid, out_size=tuple(inputs.shape[-2:]))
+                if p is not None:
+                    routing, imp = p.routing_stats(), p.importance_loss()
+                return self._output(logits, imp, routing, grid.mean(dim=(2, 3)))
             pooled = self.main_encoder(inputs, p)
             if p is not None:
                 routing, imp = p.routing_stats(), p.importance_loss()
@@ -257,10 +276,17 @@ class FusionModel(nn.Module):
         if self.spec.head_input == "comp":
             feats = feats[-1:]
         features = torch.cat(feats, dim=-1) if len(feats) > 1 else feats[0]
-        logits = self.head(features)
+        return self._output(self.head(features), imp, routing, features)
+
+    def _output(self, logits: Tensor, imp: Tensor | None, routing: RoutingStats | None, features: Tensor):
         w = self.prompt_cfg.imp_loss_weight if self.prompt_cfg is not None else 0.0
         aux = w * imp if (imp is not None and w > 0) else logits.new_zeros(())
         return FusionOutput(logits=logits, aux_loss=aux, imp_loss=imp, routing=routing, features=features)
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The task loss of this model's configuration against the batch's target (:func:`task_target`)."""
+        cfg = self.cfg
+        return task_loss(logits, target, cfg.task, seg_kind=cfg.seg_loss, dice_weight=cfg.seg_dice_weight)
 
     # -- accounting ---------------------------------------------------------------------------------------------------
     def component_of(self, name: str) -> str:
@@ -309,15 +335,31 @@ def build_model(cfg: FusionConfig | Mapping[str, Any], comp_module: nn.Module | 
 
 
 # -- losses and metrics inputs ---------------------------------------------------------------------------------------
-def task_loss(logits: Tensor, labels: Tensor, task: Task) -> Tensor:
-    """CE for single-label tasks (Food-101, SNLI-VE, demo), BCE-with-logits on multi-hot targets (MM-IMDB)."""
+def task_target(batch: Mapping[str, Any], task: Task) -> Tensor:
+    """What the loss compares the logits with: the (B, H, W) object mask for segmentation, else the labels."""
+    if task == Task.SEGMENTATION:
+        if "mask" not in batch:
+            raise KeyError(f"task segmentation needs a 'mask' field in the batch (batch keys {sorted(batch)})")
+        return batch["mask"]
+    return batch["label"]
+
+
+def task_loss(
+    logits: Tensor, labels: Tensor, task: Task, *, seg_kind: str = "bce_dice", dice_weight: float = 1.0
+) -> Tensor:
+    """CE for single-label tasks (Food-101, SNLI-VE, demo), BCE-with-logits on multi-hot targets (MM-IMDB), the
+    pixel loss of :func:`mope.heads.seg_loss` for segmentation (`labels` = the mask)."""
+    if task == Task.SEGMENTATION:
+        return seg_loss(logits, labels, seg_kind, dice_weight)
     if task == Task.MULTI_LABEL:
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
     return F.cross_entropy(logits, labels)
 
 
 def predictions(logits: Tensor, task: Task) -> Tensor:
-    """argmax for single-label; sigmoid(logit) > 0.5 for multi-label (the reference's eval rule)."""
+    """argmax for single-label; sigmoid(logit) > 0.5 for multi-label (the reference's eval rule) and for masks."""
+    if task == Task.SEGMENTATION:
+        return (logits.squeeze(1) > 0).to(torch.uint8)
     if task == Task.MULTI_LABEL:
         return (logits.sigmoid() > 0.5).long()
     return logits.argmax(dim=-1)
@@ -338,5 +380,6 @@ __all__ = [
     "build_model",
     "predictions",
     "task_loss",
+    "task_target",
     "with_method",
 ]

@@ -89,6 +89,25 @@ PRESETS["paper/mustard_mope_bert_b_k16"] = lambda: _mustard(Method.MOPE, k=16)
 PRESETS["paper/mustard_vanilla_prompt_bert_b_L31"] = lambda: _mustard(Method.VANILLA_PROMPT, k=4)
 PRESETS["paper/mustard_promptfuse_bert_b"] = lambda: _mustard(Method.PROMPTFUSE)
 
+# Table 7 (referring segmentation; mope-reference §5.2): Swin-B-384 main + SETR-PUP head on its 1/32 grid, BERT-base
+# expressions. Head width: SETR's published 256 (``ris_*``, 4.72 M head). The paper's counts (MoPE 35.5 M,
+# P-SequentialFuse 35.1 M, SequentialFuse 231.0 M, head included) imply a ~34 M head (35.1 - 1.15 and 231.0 - 197.3
+# agree); the ``*_head1024`` presets (a 4-stage PUP of width 1024, then bilinear x2) give 39.4 / 38.9 / 235.2 M. The
+# paper's MoPE - P-SequentialFuse gap of 0.4 M is MoPE k=4's (0.46 M; k=16 would add 1.33 M), so Table 7 is k=4.
+SWIN_B_384 = EncoderConfig(kind="timm_swin", name="swin_base_patch4_window12_384", kwargs={"drop_path_rate": 0.5})
+
+
+def _ris(method: Method, *, k: int = 4, wide: bool = False) -> FusionConfig:
+    head = {"seg_channels": 1024, "seg_num_convs": 4} if wide else {"seg_channels": 256}
+    return _paper(method, SWIN_B_384, k=k, classes=1, task="segmentation", **head)
+
+
+for _wide, _suffix in ((False, ""), (True, "_head1024")):
+    PRESETS[f"paper/ris_mope_swin_b384_k4{_suffix}"] = lambda w=_wide: _ris(Method.MOPE, wide=w)
+    PRESETS[f"paper/ris_p_sequential_fuse_swin_b384{_suffix}"] = lambda w=_wide: _ris(Method.P_SEQUENTIAL_FUSE, wide=w)
+    PRESETS[f"paper/ris_sequential_fuse_swin_b384{_suffix}"] = lambda w=_wide: _ris(Method.SEQUENTIAL_FUSE, wide=w)
+PRESETS["paper/ris_mope_swin_b384_k16"] = lambda: _ris(Method.MOPE, k=16)
+
 
 def get_preset(name: str) -> FusionConfig:
     try:

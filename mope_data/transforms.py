@@ -22,6 +22,7 @@ from .format import FRAME_RE, DatasetInfo, is_file, join, read_json
 
 __all__ = [
     "IMAGENET_MEAN",
+    "norm_stats",
     "IMAGENET_STD",
     "MMBT_MEAN",
     "MMBT_STD",
@@ -91,6 +92,11 @@ def _norm_stats(cfg: LoaderConfig, info: DatasetInfo) -> tuple[tuple[float, ...]
     raise ValueError(f"LoaderConfig.normalization={mode!r}: use 'default', 'mmbt', 'imagenet' or 'dataset'")
 
 
+def norm_stats(cfg: LoaderConfig, info: DatasetInfo) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) the image transform normalises with (to show a batch's images as they were)."""
+    return _norm_stats(cfg, info)
+
+
 def image_transform(cfg: LoaderConfig, info: DatasetInfo, train: bool) -> Callable:
     """PIL RGB image -> normalised float tensor (3, H, W), per dataset (module docstring)."""
     from torchvision import transforms as T
@@ -98,9 +104,12 @@ def image_transform(cfg: LoaderConfig, info: DatasetInfo, train: bool) -> Callab
     name = cfg.dataset or info.name
     mean, std = _norm_stats(cfg, info)
     ops: list = []
-    if name == "demo":
-        if cfg.image_size is not None:
-            ops.append(T.Resize((cfg.image_size, cfg.image_size)))
+    if name == "demo" or info.task == "segmentation":
+        # segmentation: a square resize only, the same one as the mask's (mask_transform): no crop (it could cut the
+        # referred object out), no flip (expressions say "left" and "right"), no RandAugment
+        side = segmentation_side(cfg, info) if info.task == "segmentation" else cfg.image_size
+        if side is not None:
+            ops.append(T.Resize((side, side)))
     else:
         crop = cfg.image_size or 224
         resize = round(crop * 256 / 224)
@@ -111,6 +120,31 @@ def image_transform(cfg: LoaderConfig, info: DatasetInfo, train: bool) -> Callab
         ops.append(T.CenterCrop(crop))
     ops.append(ToNormalizedTensor(mean, std))
     return T.Compose(ops)
+
+
+def segmentation_side(cfg: LoaderConfig, info: DatasetInfo) -> int | None:
+    """Side of the square input of a segmentation dataset: ``image_size``, else the dataset's native size (the
+    synthetic demo's ``dataset.json`` ``image_size``), else 384 (the paper's Swin-B-384)."""
+    if cfg.image_size is not None:
+        return int(cfg.image_size)
+    native = info.extra.get("image_size")
+    return None if native else 384
+
+
+def mask_transform(cfg: LoaderConfig, info: DatasetInfo) -> Callable:
+    """PIL single-channel 0/255 mask -> float (H, W) {0, 1} tensor, resized exactly as the image (nearest)."""
+    from PIL import Image
+
+    side = segmentation_side(cfg, info)
+
+    def apply(mask) -> torch.Tensor:
+        if mask.mode != "L":
+            mask = mask.convert("L")
+        if side is not None and mask.size != (side, side):
+            mask = mask.resize((side, side), Image.NEAREST)
+        return torch.from_numpy(np.array(mask, dtype=np.uint8) > 127).to(torch.float32)
+
+    return apply
 
 
 class ToNormalizedTensor:
@@ -162,6 +196,8 @@ class SampleProcessor:
         n = info.extra.get("frames")
         self.num_frames = int(n) if isinstance(n, int) and n > 0 else None
         self.multi = info.task == "multi_label"
+        self.segmentation = info.task == "segmentation"
+        self.mask_transform = mask_transform(cfg, info) if self.segmentation else None
         self._token_memo: dict[str, tuple] = {}
 
     def __call__(self, s: dict) -> dict:
@@ -173,7 +209,11 @@ class SampleProcessor:
         if "label" not in meta:
             raise ValueError(f"sample {key} ({s.get('__url__')}): no json label")
         lab = meta["label"]
-        if self.multi:
+        if self.segmentation:  # the category ([index]) rides along for analysis; the target is the mask
+            out["label"] = int(lab[0] if isinstance(lab, list) else lab)
+            out["mask"] = self._mask(s, key)
+            out["text"] = s["txt"].decode("utf-8") if "txt" in s else ""  # the expression, for the mask figure
+        elif self.multi:
             y = torch.zeros(self.info.num_classes, dtype=torch.float32)
             y[list(lab)] = 1.0
             out["label"] = y
@@ -198,6 +238,19 @@ class SampleProcessor:
         if frames is not None:
             out["frames"] = frames
         return out
+
+    def _mask(self, s: dict, key: str) -> torch.Tensor:
+        from PIL import Image
+
+        from .format import MASK_EXT
+
+        if MASK_EXT not in s:
+            raise ValueError(
+                f"sample {key} ({s.get('__url__')}): no {MASK_EXT} member, but the dataset's task is segmentation; "
+                "rebuild the shards with `harness prep`"
+            )
+        with Image.open(io.BytesIO(s[MASK_EXT])) as im:
+            return self.mask_transform(im)
 
     def _tokens(self, text: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]:
         """(input_ids, attention_mask, token_type_ids, pad id) of `text`, memoised per text (datasets repeat texts:
@@ -275,6 +328,9 @@ def collate(samples: list[dict]) -> dict:
     b: dict[str, Any] = {"key": [s["key"] for s in samples]}
     if "image" in samples[0]:
         b["image"] = torch.stack([s["image"] for s in samples])
+    if "mask" in samples[0]:
+        b["mask"] = torch.stack([s["mask"] for s in samples])
+        b["text"] = [s.get("text", "") for s in samples]
     lab = [s["label"] for s in samples]
     b["label"] = torch.stack(lab) if isinstance(lab[0], torch.Tensor) else torch.tensor(lab, dtype=torch.long)
     T = max(len(s["input_ids"]) for s in samples)

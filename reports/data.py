@@ -108,6 +108,8 @@ def primary_metric(runs: pd.DataFrame) -> str:
     """The metric a report compares: test F1-micro for multi-label sweeps, else test accuracy, both of the adapter
     selected on val (``final/test_*``; the official code reports the last weights, ``final/test_*_last``)."""
     tasks = set(runs.get("data.task", pd.Series(dtype=object)).dropna())
+    if "segmentation" in tasks:  # mIoU over the held-out splits (RefCOCO: testA + testB)
+        return "final/test_miou"
     return "final/test_f1_micro" if "multi_label" in tasks else "final/test_acc"
 
 
@@ -119,6 +121,8 @@ def metric_label(metric: str) -> str:
         "final/test_f1_micro": "test F1-micro (adapter selected on val)",
         "final/test_f1_macro": "test F1-macro (adapter selected on val)",
         "final/val_f1_micro_best": "best val F1-micro",
+        "final/test_miou": "held-out mIoU (testA + testB; adapter selected on val)",
+        "final/val_miou_best": "best val mIoU",
     }
     return names.get(metric, metric)
 

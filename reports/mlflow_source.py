@@ -23,7 +23,15 @@ from reports.data import CONFIG_KEYS, STATUS_MISSING, SweepData, parse_param
 
 ROLE_TAG, SWEEP_TAG = "harness.role", "harness.sweep_id"
 # the time series the figures and claims read (others stay in MLflow)
-HISTORY_KEYS = ("routing/entropy", "val/acc", "val/f1_micro", "val/loss", "train/loss", "val/pred_class_frac_max")
+HISTORY_KEYS = (
+    "routing/entropy",
+    "val/acc",
+    "val/f1_micro",
+    "val/miou",
+    "val/loss",
+    "train/loss",
+    "val/pred_class_frac_max",
+)
 HISTORY_KEY_PREFIXES = ("routing/importance_last/",)
 
 

@@ -70,7 +70,7 @@ def results_table(data: SweepData, metric: str) -> Table:
     runs = add_derived(data.runs)
     by = point_columns(data)
     last = metric + "_last" if not metric.endswith("_last") else metric
-    val = "final/val_f1_micro_best" if "f1_micro" in metric else "final/val_acc_best"
+    val = next((f"final/val_{k}_best" for k in ("f1_micro", "miou") if k in metric), "final/val_acc_best")
     show_method = "method" not in by  # the arms set `method=` themselves in most specs
     cols = [
         *by,

@@ -76,6 +76,15 @@ class PromptableEncoder(nn.Module):
         """Attention sequence length per block when `num_prompts` prompt tokens are present (for `harness inspect`)."""
         raise NotImplementedError
 
+    #: input pixels per output patch along each side (vision encoders: the patch size, Swin: patch size x merges);
+    #: None for encoders without a spatial token grid
+    out_stride: int | None = None
+
+    def forward_patches(self, inputs: EncoderInputs, prompter: BlockPrompter | None = None) -> Tensor:
+        """The final normed patch tokens as a feature map ``(B, C, H / out_stride, W / out_stride)``, prompts and
+        prefix tokens removed, for a dense head (referring segmentation). Vision encoders only."""
+        raise NotImplementedError(f"{type(self).__name__} has no spatial patch grid for a dense head")
+
     def freeze(self) -> None:
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -87,6 +96,14 @@ def mean_tokens(x: Tensor) -> Tensor:
 
 
 X0_POOLS = ("mean_all_tokens", "cls", "mean_patches")
+
+
+def patch_grid(tokens: Tensor, h: int, w: int) -> Tensor:
+    """(B, h*w, C) row-major patch tokens -> (B, C, h, w) feature map."""
+    B, N, C = tokens.shape
+    if N != h * w:
+        raise ValueError(f"{N} patch tokens do not form the {h}x{w} grid of the input")
+    return tokens.transpose(1, 2).reshape(B, C, h, w)
 
 
 def pool_x0(x: Tensor, mode: str, num_prefix: int, num_prompts: int) -> Tensor:
@@ -130,6 +147,7 @@ __all__ = [
     "frozen_forward_guard",
     "mean_tokens",
     "needs_x0",
+    "patch_grid",
     "pool_x0",
     "torch",
 ]

@@ -41,6 +41,7 @@ from mope.backbones.base import (
     EncoderLayout,
     PromptableEncoder,
     needs_x0,
+    patch_grid,
     pool_x0,
 )
 from mope.prompts import vpt_init_scale
@@ -111,6 +112,16 @@ class TimmSwinAdapter(PromptableEncoder):
         if not self.pool_includes_prompts:
             x = x[:, num_prompts:]
         return x.mean(dim=1)
+
+    @property
+    def out_stride(self) -> int:
+        merges = sum(not isinstance(stage.downsample, nn.Identity) for stage in self.model.layers)
+        return int(self.model.patch_embed.patch_size[0]) * 2**merges
+
+    def forward_patches(self, inputs: EncoderInputs, prompter: BlockPrompter | None = None) -> Tensor:
+        x, num_prompts, _ = self._run(inputs, prompter, return_stages=False)
+        images, s = _images(inputs), self.out_stride
+        return patch_grid(self.model.norm(x)[:, num_prompts:], images.shape[-2] // s, images.shape[-1] // s)
 
     def forward_tokens(
         self, inputs: EncoderInputs, prompter: BlockPrompter | None = None

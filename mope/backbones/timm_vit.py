@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mope.backbones.base import BlockPrompter, EncoderLayout, PromptableEncoder, needs_x0, pool_x0
+from mope.backbones.base import BlockPrompter, EncoderLayout, PromptableEncoder, needs_x0, patch_grid, pool_x0
 from mope.prompts import vpt_init_scale
 
 
@@ -42,7 +42,20 @@ class TimmViTAdapter(PromptableEncoder):
         x = m.patch_drop(x)
         return m.norm_pre(x)
 
+    @property
+    def out_stride(self) -> int:
+        return int(self.model.patch_embed.patch_size[0])
+
     def forward(self, inputs: Tensor, prompter: BlockPrompter | None = None) -> Tensor:
+        return self.model.forward_head(self._tokens(inputs, prompter), pre_logits=True)
+
+    def forward_patches(self, inputs: Tensor, prompter: BlockPrompter | None = None) -> Tensor:
+        x = self._tokens(inputs, prompter)[:, self.num_prefix :]
+        s = self.out_stride
+        return patch_grid(x, inputs.shape[-2] // s, inputs.shape[-1] // s)
+
+    def _tokens(self, inputs: Tensor, prompter: BlockPrompter | None) -> Tensor:
+        """Final normed tokens [prefix, patches] (prompts removed) after the prompted blocks."""
         x = self.embed(inputs)
         npf = self.num_prefix
         n_prompt = 0
@@ -56,8 +69,7 @@ class TimmViTAdapter(PromptableEncoder):
             x = blk(x)
         if n_prompt:
             x = _splice(x, None, npf, n_prompt)
-        x = self.model.norm(x)
-        return self.model.forward_head(x, pre_logits=True)
+        return self.model.norm(x)
 
     def attention_lengths(self, num_prompts: int) -> list[int]:
         n_patches = int(self.model.patch_embed.num_patches)
