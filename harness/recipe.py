@@ -243,6 +243,7 @@ class TrainingRun:
                 {
                     "cost/trainable_params": float(sum(p.numel() for p in self.model.parameters() if p.requires_grad)),
                     "data/batches_per_epoch": float(self.batches_per_epoch),
+                    **self._chance_levels(),
                 },
                 step=0,
             )
@@ -256,6 +257,20 @@ class TrainingRun:
         self.epochs = int(tr["epochs"])
         self.last_epoch_run = self.start_epoch - 1
         self.pending_report: dict[str, Any] | None = None
+
+    def _chance_levels(self) -> dict[str, float]:
+        """``chance/<split>/<baseline>``: the text-free baselines a dataset states in dataset.json ``chance`` (the
+        RIS demo: IoU of predicting every object / a random object), for the report to print beside the results."""
+        from mope_data import dataset_info
+
+        chance = dataset_info(self.shard_dir).extra.get("chance") or {}
+        return {
+            f"chance/{split}/{name}": float(v)
+            for split, vals in chance.items()
+            if isinstance(vals, dict)
+            for name, v in vals.items()
+            if isinstance(v, (int, float))
+        }
 
     def _build_model(self) -> None:
         cfg, seed = self.cfg, int(self.cfg["seed"])

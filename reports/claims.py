@@ -70,6 +70,7 @@ def evaluate_claims(data: SweepData, metric: str, *, equivalence_margin: float =
         _keys,
         _importance,
         _ablation,
+        _ris,
     ):
         c = fn(ok, metric, strata_keys, data=data, margin=equivalence_margin)
         if c is not None and c.rows:
@@ -474,6 +475,46 @@ def _ablation(ok, metric, keys, **_) -> Claim | None:
         "0; not supported when any lies below 0; else inconclusive.",
         rows,
     )
+
+
+# -- (9) referring segmentation (Table 7) -----------------------------------------------------------------------------
+def _ris(ok, metric, keys, **_) -> Claim | None:
+    if "data.task" not in ok or "segmentation" not in set(ok["data.task"].dropna()):
+        return None
+    mope = _method(ok, "mope")
+    rows = []
+    for other in ("p_sequential_fuse", "sequential_fuse"):
+        o = _method(ok, other)
+        if by_seed(mope, metric) and by_seed(o, metric):
+            rows.append(_versus(f"MoPE vs {other}", "MoPE", mope, other, o, metric))
+    split = metric.split("/")[-1].split("_")[0]  # final/test_miou -> test (testA + testB), final/val_miou -> val
+    chance = [f"chance/{sp}/{c}" for sp in (("testA", "testB") if split == "test" else (split,)) for c in CHANCE]
+    levels = [float(v) for c in chance if c in ok for v in pd.to_numeric(ok[c], errors="coerce").dropna()]
+    if levels and by_seed(mope, metric):
+        a = by_seed(mope, metric)
+        top = max(levels)
+        d = diff(a, dict.fromkeys(a, top))
+        rows.append(
+            ClaimRow(
+                "MoPE vs the best text-free answer",
+                f"MoPE {_means(a)} vs chance {top:.3f} (the higher of: every object, a random object); Δ = {d.text()}",
+                _ahead(d),
+                d.n,
+                _collapse_notes(mope),
+                d.as_dict(),
+            )
+        )
+    return Claim(
+        "ris",
+        "On referring segmentation MoPE beats P-SequentialFuse and the fully fine-tuned SequentialFuse",
+        "Table 7 (App. C)",
+        "per comparison: supported when the 95% CI of MoPE − other (paired by seed) lies above 0, not supported when "
+        "below 0, else inconclusive; the chance row compares MoPE with the dataset's best text-free IoU.",
+        rows,
+    )
+
+
+CHANCE = ("all_objects_miou", "random_object_miou")
 
 
 def claims_summary(claims: list[Claim]) -> dict[str, int]:

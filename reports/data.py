@@ -52,6 +52,7 @@ CONFIG_KEYS = (
 )
 ID_COLUMNS = ("trial_key", "point_id", "label", "arm", "seed", "run_id", "status", "error", "wall_s")
 COLLAPSE_KEY = "val/pred_class_frac_max"
+SEG_COLLAPSE_KEY = "val/miss_frac"
 COLLAPSE_THRESHOLD = 0.99  # a run predicting one class (label vector) for >= 99% of the val split has collapsed
 STATUS_MISSING = "MISSING"
 
@@ -67,6 +68,8 @@ class SweepData:
     runs: pd.DataFrame
     history: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["run_id", "key", "step", "value"]))
     notes: list[str] = field(default_factory=list)  # problems met while reading the store (shown under "Missing")
+    # segmentation: run_id -> harness.mask_examples.read() of that run's logged val predictions (one run per arm)
+    mask_examples: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -197,8 +200,12 @@ def add_derived(runs: pd.DataFrame) -> pd.DataFrame:
             v = pd.to_numeric(runs[key], errors="coerce")
             wait = v.where(v.notna(), wait)
     runs["data_wait_frac"] = wait
-    if COLLAPSE_KEY in runs:
-        runs["collapsed"] = pd.to_numeric(runs[COLLAPSE_KEY], errors="coerce") >= COLLAPSE_THRESHOLD
+    if COLLAPSE_KEY in runs or SEG_COLLAPSE_KEY in runs:
+        # a segmentation run has no predicted class: it has collapsed when its masks miss the object on >= 99% of val
+        key = COLLAPSE_KEY if COLLAPSE_KEY in runs else SEG_COLLAPSE_KEY
+        other = pd.to_numeric(runs.get(SEG_COLLAPSE_KEY, pd.Series(float("nan"), index=runs.index)), errors="coerce")
+        frac = pd.to_numeric(runs[key], errors="coerce").fillna(other)
+        runs["collapsed"] = frac >= COLLAPSE_THRESHOLD
     else:
         runs["collapsed"] = False
     return runs

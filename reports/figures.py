@@ -85,12 +85,78 @@ FIGURE_TITLES = {
     "fig5_data_scaling": "Fig. 5: data scaling",
     "fig6_routing_entropy": "Fig. 6: routing entropy over training",
     "fig7_expert_importance": "Fig. 7: expert importance over training",
+    "masks_val": "Predicted masks on val images (referring segmentation)",
 }
 
 
 def build_figures(data: SweepData, metric: str) -> list[Figure | Skipped]:
     runs = add_derived(data.runs)
+    if "data.task" in runs and "segmentation" in set(runs["data.task"].dropna()):
+        return [fig_masks(data, runs), fig6(data, runs), fig7(data, runs)]
     return [fig4(runs, metric), fig5(runs, metric), fig6(data, runs), fig7(data, runs)]
+
+
+MASK_ROWS = 6
+
+
+def fig_masks(data: SweepData, runs: pd.DataFrame, rows: int = MASK_ROWS) -> Figure | Skipped:
+    """A grid: one val sample per row (image with its expression, ground truth), then each arm's predicted mask
+    (sigmoid > 0.5 over the image, with that sample's IoU). The same samples for every arm (val order is fixed)."""
+    import numpy as np
+
+    key, title = "masks_val", FIGURE_TITLES["masks_val"]
+    by_run = {r["run_id"]: r for _, r in runs.iterrows() if r.get("run_id") in data.mask_examples}
+    if not by_run:
+        return Skipped(key, title, "no finished segmentation run logged its mask examples (mask_examples/)")
+    order = {m: i for i, m in enumerate(["mope", "sequential_fuse", "p_sequential_fuse"])}
+    arms = sorted(by_run.items(), key=lambda kv: (order.get(kv[1].get("method.name"), 9), str(kv[1].get("arm"))))
+    ref = data.mask_examples[arms[0][0]]
+    n = min(rows, len(ref["keys"]))
+    cols = 2 + len(arms)
+    fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.9 * n + 0.3), squeeze=False)
+
+    def overlay(ax, img, mask, color):
+        ax.imshow(img)
+        rgba = np.zeros((*mask.shape, 4))
+        rgba[mask > 0] = (*matplotlib.colors.to_rgb(color), 0.55)
+        ax.imshow(rgba)
+
+    for i in range(n):
+        k = ref["keys"][i]
+        img, gt = ref["image"][i], ref["mask"][i]
+        axes[i][0].imshow(img)
+        axes[i][0].set_title(_wrap(ref["texts"][i]), fontsize=7)
+        overlay(axes[i][1], img, gt, "#ffd400")
+        axes[i][1].set_title("ground truth" if i == 0 else "", fontsize=8)
+        for j, (run_id, r) in enumerate(arms):
+            ex = data.mask_examples[run_id]
+            if k not in ex["keys"]:
+                axes[i][2 + j].text(0.5, 0.5, "sample not logged", ha="center", va="center", fontsize=7)
+                continue
+            idx = ex["keys"].index(k)
+            meth = str(r.get("method.name"))
+            overlay(axes[i][2 + j], img, ex["prob"][idx] > 127, COLORS.get(meth, FALLBACK[j % len(FALLBACK)]))
+            if gt.any():  # the ground truth's outline over every prediction
+                axes[i][2 + j].contour(gt, levels=[0.5], colors="white", linewidths=0.8)
+            head = f"{METHOD_NAMES.get(meth, meth)} (s{fmt_value(r.get('seed'))})\n" if i == 0 else ""
+            axes[i][2 + j].set_title(f"{head}IoU {ex['iou'][idx]:.2f}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{title}: {_setting(runs)}", fontsize=9)
+    fig.tight_layout()
+    caption = (
+        f"The first {n} val samples in the split's fixed order (not picked): the image with its referring expression, "
+        "the ground-truth mask (yellow), and each arm's prediction (sigmoid > 0.5, the ground truth outlined in "
+        "white) of its lowest-seed run with the adapter selected on val, with that sample's IoU."
+    )
+    return Figure(key, title, caption, fig)
+
+
+def _wrap(text: str, width: int = 26) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(f'"{text}"', width)[:3])
 
 
 def _setting(runs: pd.DataFrame) -> str:

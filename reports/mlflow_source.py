@@ -240,7 +240,8 @@ def load_sweep(uri: str, sweep: dict[str, Any]) -> SweepData:
             {
                 k: float(v)
                 for k, v in r.data.metrics.items()
-                if k.startswith(("final/", "perf/", "cost/")) or k == "val/pred_class_frac_max"
+                if k.startswith(("final/", "perf/", "cost/", "chance/"))
+                or k in ("val/pred_class_frac_max", "val/miss_frac")
             }
         )
         rows.append(row)
@@ -269,7 +270,27 @@ def load_sweep(uri: str, sweep: dict[str, Any]) -> SweepData:
         "point_keys": point_keys,
     }
     hist = pd.DataFrame(history, columns=["run_id", "key", "step", "value"])
-    return SweepData(meta, runs, hist, notes)
+    return SweepData(meta, runs, hist, notes, _mask_examples(client, runs, notes))
+
+
+def _mask_examples(client, runs: pd.DataFrame, notes: list[str]) -> dict[str, dict[str, Any]]:
+    """Segmentation sweeps: the logged val predictions (``mask_examples/``) of the lowest-seed finished run per arm."""
+    import tempfile
+
+    from harness.mask_examples import MASK_EXAMPLES_DIR, read
+
+    if runs.empty or "data.task" not in runs or "segmentation" not in set(runs["data.task"].dropna()):
+        return {}
+    ok = runs[(runs["status"] == "FINISHED") & (runs["data.task"] == "segmentation")].sort_values("seed")
+    out: dict[str, dict[str, Any]] = {}
+    for _, r in ok.drop_duplicates("arm").iterrows():
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = client.download_artifacts(r["run_id"], MASK_EXAMPLES_DIR, tmp)
+                out[r["run_id"]] = read(local)
+        except Exception as e:  # a missing artifact leaves the figure out, with the reason under "Missing"
+            notes.append(f"run {r['run_id']} ({r['arm']}): no mask examples ({type(e).__name__}: {e})")
+    return out
 
 
 NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (Markdown)

@@ -95,3 +95,15 @@ __all__ = [
     "TABLE4",
     "table1_row",
 ]
+
+
+# Table 7 (referring image segmentation, mIoU; Swin-B-384 + SETR-PUP head, BERT-base; mope-reference §6.6): method ->
+# (Param incl. the head, RefCOCO val / testA / testB, RefCOCO+ val / testA / testB). No std printed.
+TABLE7_SOURCE = "paper (arXiv 2403.10568) Table 7, Swin-B-384 + SETR-PUP, RefCOCO / RefCOCO+ mIoU"
+TABLE7: dict[str, tuple[str, str, str, str, str, str, str]] = {
+    "SequentialFuse": ("231.0M", "53.48", "55.76", "52.03", "40.22", "42.2", "37.91"),
+    "P-SequentialFuse": ("35.1M", "47.69", "46.23", "45.81", "30.66", "31.48", "28.79"),
+    "Ours (MoPE)": ("35.5M", "58.40", "60.03", "53.23", "43.80", "46.12", "38.88"),
+}
+TABLE7_ROWS = {"sequential_fuse": "SequentialFuse", "p_sequential_fuse": "P-SequentialFuse", "mope": "Ours (MoPE)"}
+RIS_SPLITS = ("val", "testA", "testB")

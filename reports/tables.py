@@ -187,6 +187,8 @@ def paper_tables(data: SweepData, metric: str) -> list[Table]:
         f"Paper columns: {paper.SOURCE}; measured on SNLI-VE / Food-101 / MM-IMDB, not on our data. Our columns: "
         "mean ± std over our seeds on the dataset named in the header."
     )
+    if "data.task" in runs and "segmentation" in set(runs["data.task"].dropna()):
+        return [table7(runs)]
     # Table 1: when the sweep has several methods
     methods = list(dict.fromkeys(runs["method.name"].dropna()))
     if len(methods) >= 3:
@@ -279,4 +281,54 @@ def paper_tables(data: SweepData, metric: str) -> list[Table]:
     return out
 
 
-__all__ = ["Table", "pairs_table", "paper_tables", "results_table"]
+def table7(runs: pd.DataFrame) -> Table:
+    """Table 7 (referring segmentation): ours per method on val / testA / testB (mIoU and oIoU, mean ± std over
+    seeds), the text-free chance levels the dataset states, then the paper's RefCOCO and RefCOCO+ mIoU."""
+    ok = runs[runs["status"] == "FINISHED"]
+    splits = paper.RIS_SPLITS
+    rows = []
+    for vals, g in groups(ok, ["method.name"]):
+        meth = vals["method.name"]
+        if is_missing(meth):
+            continue
+        k = next(iter(g.get("mope.num_experts", pd.Series(dtype=object)).dropna()), None) if meth == "mope" else None
+        prow = paper.TABLE7_ROWS.get(meth)
+        rows.append(
+            [
+                meth + (f" (k={fmt_value(k)})" if k is not None else ""),
+                *(_agg_cell(g, f"final/{sp}_miou") for sp in splits),
+                *(_agg_cell(g, f"final/{sp}_oiou") for sp in splits),
+                _mean_cell(g, "cost/trainable_params", "{:,.0f}"),
+                prow or "(no paper row)",
+                *paper.TABLE7.get(prow, ("–",) * 7),
+            ]
+        )
+    for name, label in (
+        ("all_objects_miou", "chance: every object"),
+        ("random_object_miou", "chance: a random object"),
+    ):
+        cells = [_mean_cell(ok, f"chance/{sp}/{name}", "{:.3f}") for sp in splits]
+        if any(c != "–" for c in cells):
+            rows.append([label, *cells, *("–",) * 3, "–", "(text-free baseline)", *("–",) * 7])
+    return Table(
+        "table7",
+        "Table 7: referring image segmentation (mIoU)",
+        [
+            "method",
+            *(f"ours: {sp} mIoU" for sp in splits),
+            *(f"ours: {sp} oIoU" for sp in splits),
+            "ours: trainable params",
+            "paper row",
+            "paper: Param",
+            *(f"paper: RefCOCO {sp}" for sp in splits),
+            *(f"paper: RefCOCO+ {sp}" for sp in splits),
+        ],
+        rows,
+        f"Ours: {datasets_label(ok)}, {backbones_label(ok, 'vision')} backbone, mean ± std over seeds of the adapter "
+        f"selected on val mIoU (fractions; the paper prints percent). Paper columns: {paper.TABLE7_SOURCE}, not our "
+        "data. mIoU = mean of per-sample IoU, oIoU = total intersection / total union. Chance rows: the IoU of a "
+        "text-free answer (every object of the scene, or one at random), from the dataset's own statement.",
+    )
+
+
+__all__ = ["Table", "pairs_table", "paper_tables", "results_table", "table7"]
