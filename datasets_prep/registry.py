@@ -28,6 +28,7 @@ BUILTIN = (
     "mustard",
     "demo",
     "refcoco",  # refcoco and refcoco+
+    "ris_demo",
 )
 # Keyword parameters set by `harness prep`'s own flags (--shard-size, --skip-bad), not by --opt.
 CLI_PARAMETERS = ("shard_size", "skip_bad")

@@ -80,7 +80,8 @@ def _norm_stats(cfg: LoaderConfig, info: DatasetInfo) -> tuple[tuple[float, ...]
     elif "normalization" in info.extra:
         own = (tuple(info.extra["normalization"]["mean"]), tuple(info.extra["normalization"]["std"]))
     if mode == "default":
-        return own if (own is not None and info.name == "demo") else (MMBT_MEAN, MMBT_STD)
+        # a dataset that ships its own vision encoder (the demos) is normalised with that encoder's statistics
+        return own if (own is not None and (info.name == "demo" or is_file(enc_cfg))) else (MMBT_MEAN, MMBT_STD)
     if mode == "mmbt":
         return MMBT_MEAN, MMBT_STD
     if mode == "imagenet":
