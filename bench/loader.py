@@ -23,7 +23,7 @@ take to keep the data wait under 5 %?
     .venv/bin/python bench/loader.py --wait [--workers-list 0,1,2] [--steps 40] [--warmup 20]   # local shards only
     .venv/bin/python bench/loader.py --s3   [--workers-list 0,1,2] [--steps 40] [--warmup 20]   # local and s3://
 
-``--s3`` starts a real S3-compatible server on 127.0.0.1 (moto, ``tests.helpers.s3.S3Server``), uploads the demo
+``--s3`` starts a real S3-compatible server on 127.0.0.1 (moto, started as a subprocess), uploads the demo
 with ``datasets_prep.upload.upload_dataset`` to ``s3://bench/demo``, puts the server's AWS_* variables in
 ``os.environ`` (so loader workers inherit them) and measures ``s3://bench/demo`` exactly like the local shards
 (streamed by ``TarSamples``, sha256-checked). Per (source, workers) it measures, side by side:
@@ -374,6 +374,77 @@ def summarize(rows: list[dict], target: float = WAIT_TARGET) -> dict:
     }
 
 
+AWS_KEYS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_SESSION_TOKEN",
+)
+
+
+def _clear_s3fs_cache() -> None:
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+class _MotoServer:
+    """moto's S3 server on 127.0.0.1 (a free port) as a subprocess, dummy credentials (the bench's own copy of what
+    tests/helpers/s3.py starts for the tests: bench never imports tests)."""
+
+    def start(self) -> _MotoServer:
+        import socket
+        import subprocess
+        import urllib.request
+
+        with socket.socket() as so:
+            so.bind(("127.0.0.1", 0))
+            self.port = so.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1)
+                return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"moto S3 server did not start on {self.endpoint}")
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def make_bucket(self, name: str) -> None:
+        import s3fs
+
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": self.endpoint}, key="bench", secret="bench").mkdir(name)
+
+    def url(self, bucket: str, path: str) -> str:
+        return f"s3://{bucket}/{path}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except Exception:
+                self.proc.kill()
+
+
 class S3Demo:
     """A moto S3 server on 127.0.0.1 holding an upload of ``local`` at ``s3://<bucket>/demo``; its AWS_* variables
     in ``os.environ`` while open (restored on close)."""
@@ -384,18 +455,13 @@ class S3Demo:
     def __enter__(self) -> S3Demo:
         from datasets_prep.upload import upload_dataset
 
-        root = str(Path(__file__).resolve().parents[1])  # `python bench/loader.py` puts bench/, not the repo, first
-        if root not in sys.path:
-            sys.path.append(root)
-        from tests.helpers.s3 import ENV_KEYS, S3Server, clear_fs_caches
-
-        self._clear = clear_fs_caches
-        self.server = S3Server().start()
-        self._saved = {k: os.environ.get(k) for k in ENV_KEYS}
-        for k in ENV_KEYS:
+        self._clear = _clear_s3fs_cache
+        self.server = _MotoServer().start()
+        self._saved = {k: os.environ.get(k) for k in AWS_KEYS}
+        for k in AWS_KEYS:
             os.environ.pop(k, None)
         os.environ.update(self.server.env())
-        clear_fs_caches()
+        _clear_s3fs_cache()
         self.server.make_bucket(self.bucket)
         self.url = self.server.url(self.bucket, "demo")
         t0 = time.perf_counter()

@@ -25,6 +25,7 @@ Output (``out_dir``): ``model.safetensors`` holds exactly
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,7 +37,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PretrainConfig", "load_encoder", "log", "pretrain_encoder", "timm_kwargs"]
+__all__ = [
+    "PretrainConfig",
+    "adamw",
+    "cosine_lr",
+    "deterministic_torch",
+    "load_encoder",
+    "log",
+    "pretrain_encoder",
+    "save_encoder",
+    "timm_kwargs",
+]
 
 TIMM_MODEL = "vit_tiny_patch16_224"  # architecture name only; every size argument is overridden by timm_kwargs
 
@@ -82,6 +93,56 @@ def timm_kwargs(cfg: PretrainConfig) -> dict:
     }
 
 
+@contextlib.contextmanager
+def deterministic_torch(threads: int, seed: int):
+    """A fixed intra-op thread count, deterministic algorithms and ``torch.manual_seed(seed)`` inside
+    :func:`torch.random.fork_rng`; the caller's thread count, determinism flag and RNG state are restored on exit."""
+    import torch
+
+    prev_threads = torch.get_num_threads()
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det)
+
+
+def adamw(params: list, lr: float, weight_decay: float):
+    """AdamW with weight decay on the matrices only (not on biases / norms / 1-d parameters)."""
+    import torch
+
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+
+
+def cosine_lr(step: int, lr: float, warmup_steps: int, total: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to 0 at step ``total``."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    p = (step - warmup_steps) / max(1, total - warmup_steps)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, p)))
+
+
+def save_encoder(out_dir: Path, state: dict, config: dict) -> None:
+    """Write ``out_dir/model.safetensors`` (the state dict) and ``out_dir/config.json`` (atomically, last)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    tmp = out_dir / ".config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / "config.json")
+
+
 def _to_input(images_u8: np.ndarray, mean: float, std: float):
     import torch
 
@@ -108,117 +169,95 @@ def pretrain_encoder(
     import timm
     import torch
     import torch.nn.functional as F
-    from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     kw = timm_kwargs(cfg)
-    prev_threads = torch.get_num_threads()
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(cfg.threads)
-    torch.use_deterministic_algorithms(True)
     t_start = time.monotonic()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            model = timm.create_model(TIMM_MODEL, pretrained=False, **kw)
-            head = torch.nn.Linear(cfg.embed_dim, 4 * 10)
-            cell_head = torch.nn.Linear(cfg.embed_dim, 10)
-            params = list(model.parameters()) + list(head.parameters()) + list(cell_head.parameters())
-            grid = cfg.img_size // cfg.patch_size
-            npfx = model.num_prefix_tokens
+    with deterministic_torch(cfg.threads, cfg.seed):
+        model = timm.create_model(TIMM_MODEL, pretrained=False, **kw)
+        head = torch.nn.Linear(cfg.embed_dim, 4 * 10)
+        cell_head = torch.nn.Linear(cfg.embed_dim, 10)
+        params = list(model.parameters()) + list(head.parameters()) + list(cell_head.parameters())
+        grid = cfg.img_size // cfg.patch_size
+        npfx = model.num_prefix_tokens
 
-            def cell_logits(tokens):  # (B, prefix + grid*grid, D) -> (B*4, 10): mean patch token per cell
-                p = tokens[:, npfx:].reshape(-1, 2, grid // 2, 2, grid // 2, cfg.embed_dim).mean(dim=(2, 4))
-                return cell_head(p.reshape(-1, cfg.embed_dim))
+        def cell_logits(tokens):  # (B, prefix + grid*grid, D) -> (B*4, 10): mean patch token per cell
+            p = tokens[:, npfx:].reshape(-1, 2, grid // 2, 2, grid // 2, cfg.embed_dim).mean(dim=(2, 4))
+            return cell_head(p.reshape(-1, cfg.embed_dim))
 
-            decay = [p for p in params if p.ndim >= 2]
-            no_decay = [p for p in params if p.ndim < 2]
-            opt = torch.optim.AdamW(
-                [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                lr=cfg.lr,
-            )
-            steps_per_epoch = cfg.grids_per_epoch // cfg.batch_size
-            total = steps_per_epoch * cfg.epochs
+        opt = adamw(params, cfg.lr, cfg.weight_decay)
+        steps_per_epoch = cfg.grids_per_epoch // cfg.batch_size
+        total = steps_per_epoch * cfg.epochs
 
-            def lr_at(step: int) -> float:
-                if step < cfg.warmup_steps:
-                    return cfg.lr * (step + 1) / cfg.warmup_steps
-                p = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-                return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, p)))
+        rng_val = np.random.default_rng([cfg.seed, 1])
+        val_x, val_y = sample_grids(rng_val, cfg.val_grids, "val")
+        val_inp = _to_input(val_x, mean, std)
+        val_t = torch.from_numpy(val_y.astype(np.int64))
 
-            rng_val = np.random.default_rng([cfg.seed, 1])
-            val_x, val_y = sample_grids(rng_val, cfg.val_grids, "val")
-            val_inp = _to_input(val_x, mean, std)
-            val_t = torch.from_numpy(val_y.astype(np.int64))
+        def evaluate(n: int) -> dict:  # on the first n validation grids
+            model.eval()
+            head.eval()
+            preds = []
+            cpreds = []
+            with torch.no_grad():
+                for i in range(0, n, 256):
+                    tokens = model.forward_features(val_inp[i : min(n, i + 256)])
+                    preds.append(head(model.forward_head(tokens)).view(-1, 4, 10).argmax(-1))
+                    cpreds.append(cell_logits(tokens).view(-1, 4, 10).argmax(-1))
+            model.train()
+            head.train()
+            correct = torch.cat(preds) == val_t[:n]
+            out = {
+                "val_cell_accuracy": round(float(correct.float().mean()), 4),
+                "val_grid_accuracy": round(float(correct.all(dim=1).float().mean()), 4),
+            }
+            if cfg.patch_loss:
+                out["val_patch_cell_accuracy"] = round(float((torch.cat(cpreds) == val_t[:n]).float().mean()), 4)
+            return out
 
-            def evaluate(n: int) -> dict:  # on the first n validation grids
-                model.eval()
-                head.eval()
-                preds = []
-                cpreds = []
-                with torch.no_grad():
-                    for i in range(0, n, 256):
-                        tokens = model.forward_features(val_inp[i : min(n, i + 256)])
-                        preds.append(head(model.forward_head(tokens)).view(-1, 4, 10).argmax(-1))
-                        cpreds.append(cell_logits(tokens).view(-1, 4, 10).argmax(-1))
-                model.train()
-                head.train()
-                correct = torch.cat(preds) == val_t[:n]
-                out = {
-                    "val_cell_accuracy": round(float(correct.float().mean()), 4),
-                    "val_grid_accuracy": round(float(correct.all(dim=1).float().mean()), 4),
-                }
+        rng = np.random.default_rng([cfg.seed, 0])
+        step = 0
+        history = []
+        seen = 0
+        t0 = time.monotonic()
+        for epoch in range(cfg.epochs):
+            xs, ys = sample_grids(rng, steps_per_epoch * cfg.batch_size, "train")
+            inp = _to_input(xs, mean, std)
+            tgt = torch.from_numpy(ys.astype(np.int64))
+            loss_sum = 0.0
+            for b in range(steps_per_epoch):
+                sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+                for g in opt.param_groups:
+                    g["lr"] = cosine_lr(step, cfg.lr, cfg.warmup_steps, total)
+                tokens = model.forward_features(inp[sl])
+                logits = head(model.forward_head(tokens)).view(-1, 10)
+                y = tgt[sl].reshape(-1)
+                loss = F.cross_entropy(logits, y)
                 if cfg.patch_loss:
-                    out["val_patch_cell_accuracy"] = round(float((torch.cat(cpreds) == val_t[:n]).float().mean()), 4)
-                return out
+                    loss = loss + F.cross_entropy(cell_logits(tokens), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.item()
+                step += 1
+                seen += cfg.batch_size
+            n_val = len(val_inp) if epoch + 1 == cfg.epochs else min(200, len(val_inp))  # cheap progress check
+            metrics = {"val_grids": n_val, **evaluate(n_val)}
+            dt = time.monotonic() - t0
+            rate = seen / dt
+            eta = (total - step) * cfg.batch_size / rate
+            history.append({"epoch": epoch + 1, "loss": round(loss_sum / steps_per_epoch, 4), **metrics})
+            if verbose:
+                log(
+                    f"encoder pretraining epoch {epoch + 1}/{cfg.epochs}: loss {loss_sum / steps_per_epoch:.3f}, "
+                    f"val cell acc {metrics['val_cell_accuracy']:.3f} (patch head "
+                    f"{metrics.get('val_patch_cell_accuracy', float('nan')):.3f}), "
+                    f"{rate:.0f} img/s, eta {eta:.0f}s"
+                )
+        train_seconds = time.monotonic() - t0
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
 
-            rng = np.random.default_rng([cfg.seed, 0])
-            step = 0
-            history = []
-            seen = 0
-            t0 = time.monotonic()
-            for epoch in range(cfg.epochs):
-                xs, ys = sample_grids(rng, steps_per_epoch * cfg.batch_size, "train")
-                inp = _to_input(xs, mean, std)
-                tgt = torch.from_numpy(ys.astype(np.int64))
-                loss_sum = 0.0
-                for b in range(steps_per_epoch):
-                    sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
-                    for g in opt.param_groups:
-                        g["lr"] = lr_at(step)
-                    tokens = model.forward_features(inp[sl])
-                    logits = head(model.forward_head(tokens)).view(-1, 10)
-                    y = tgt[sl].reshape(-1)
-                    loss = F.cross_entropy(logits, y)
-                    if cfg.patch_loss:
-                        loss = loss + F.cross_entropy(cell_logits(tokens), y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    loss_sum += loss.item()
-                    step += 1
-                    seen += cfg.batch_size
-                n_val = len(val_inp) if epoch + 1 == cfg.epochs else min(200, len(val_inp))  # cheap progress check
-                metrics = {"val_grids": n_val, **evaluate(n_val)}
-                dt = time.monotonic() - t0
-                rate = seen / dt
-                eta = (total - step) * cfg.batch_size / rate
-                history.append({"epoch": epoch + 1, "loss": round(loss_sum / steps_per_epoch, 4), **metrics})
-                if verbose:
-                    log(
-                        f"encoder pretraining epoch {epoch + 1}/{cfg.epochs}: loss {loss_sum / steps_per_epoch:.3f}, "
-                        f"val cell acc {metrics['val_cell_accuracy']:.3f} (patch head "
-                        f"{metrics.get('val_patch_cell_accuracy', float('nan')):.3f}), "
-                        f"{rate:.0f} img/s, eta {eta:.0f}s"
-                    )
-            train_seconds = time.monotonic() - t0
-            state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    finally:
-        torch.set_num_threads(prev_threads)
-        torch.use_deterministic_algorithms(prev_det)
-
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     final = history[-1] if history else {}
     config = {
         "timm_model": TIMM_MODEL,
@@ -240,9 +279,7 @@ def pretrain_encoder(
         "train_images_sha256": train_images_sha256,
         "deterministic": {"torch_threads": cfg.threads, "use_deterministic_algorithms": True, "seed": cfg.seed},
     }
-    tmp = out_dir / ".config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / "config.json")
+    save_encoder(out_dir, state, config)
     if verbose:
         log(
             f"encoder pretraining done in {train_seconds:.0f}s ({time.monotonic() - t_start:.0f}s with set-up); "

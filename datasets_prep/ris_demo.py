@@ -124,7 +124,7 @@ LR_GAP = 4  # px between the centres of the two objects "on the left / right"
 
 # The pretext's defaults: the digit demo's ViT at 32 px; epochs x grids_per_epoch fresh scenes ("grids" = scenes).
 PRETRAIN_DEFAULTS = PretrainConfig(
-    img_size=IMG, patch_size=4, epochs=8, grids_per_epoch=2048, val_grids=512, batch_size=32, warmup_steps=30
+    img_size=IMG, patch_size=4, epochs=8, grids_per_epoch=2048, val_grids=512, batch_size=32, lr=4e-3, warmup_steps=30
 )
 
 
@@ -505,7 +505,6 @@ def pretrain(
             "steps": total,
             **{k: v for k, v in final.items() if k.startswith("val_")},
             "history": history,
-            "seconds": round(train_seconds, 1),
         },
         "train_images_sha256": None,  # generated afresh each epoch (seed in "deterministic")
         "deterministic": {"torch_threads": cfg.threads, "use_deterministic_algorithms": True, "seed": cfg.seed},

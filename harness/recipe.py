@@ -562,7 +562,7 @@ class TrainingRun:
 
     def _log_mask_examples(self) -> None:
         """Predicted masks of the first val samples with the selected adapter, for the report's mask figure."""
-        from harness.mask_examples import MASK_EXAMPLES_DIR, collect, write
+        from mope_data.mask_examples import MASK_EXAMPLES_DIR, collect, write
 
         out = self.run_dir / MASK_EXAMPLES_DIR
         write(out, collect(self.engine, self.val_loader, self.lcfg, self.cache))

@@ -277,7 +277,7 @@ def _mask_examples(client, runs: pd.DataFrame, notes: list[str]) -> dict[str, di
     """Segmentation sweeps: the logged val predictions (``mask_examples/``) of the lowest-seed finished run per arm."""
     import tempfile
 
-    from harness.mask_examples import MASK_EXAMPLES_DIR, read
+    from mope_data.mask_examples import MASK_EXAMPLES_DIR, read
 
     if runs.empty or "data.task" not in runs or "segmentation" not in set(runs["data.task"].dropna()):
         return {}

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.mask_examples import read, write
+from mope_data.mask_examples import read, write
 from reports.build import build_report
 from reports.data import SweepData, primary_metric
 
