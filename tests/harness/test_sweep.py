@@ -52,6 +52,11 @@ def test_paper_profile_validates(path):
     cfg = trials[0]["cfg"]
     assert cfg["vision"]["kind"] == "timm_swin" and cfg["text"]["name"].endswith("bert-base-uncased")
     assert cfg["trainer"]["max_steps_per_epoch"] is None and cfg["trainer"]["epochs"] == 15
+    if path.stem == "ris":  # Table 7: RefCOCO at paper scale, RefCOCO+ by the same data override
+        assert cfg["data"]["name"] == "refcoco" and cfg["data"]["task"] == "segmentation"
+        plus = plan(str(path), ["profile=paper", "data=refcoco_plus"], check_paths=False)[1][0]["cfg"]
+        assert plus["data"]["name"] == "refcoco+" and plus["vision"]["img_size"] == 384
+        return
     mm = plan(str(path), ["profile=paper", "data=mmimdb"], check_paths=False)[1][0]["cfg"]
     assert mm["data"]["name"] == "mmimdb" and mm["data"]["task"] == "multi_label"
 
