@@ -22,6 +22,7 @@ from reports.data import (
     CONFIG_KEYS,
     DATA_WAIT_LIMIT,
     ID_COLUMNS,
+    SEG_COLLAPSE_KEY,
     STATUS_MISSING,
     SweepData,
     add_derived,
@@ -59,7 +60,7 @@ def results_frame(data: SweepData) -> pd.DataFrame:
     metric_cols = (
         sorted(c for c in runs.columns if c.startswith("final/"))
         + sorted(c for c in runs.columns if c.startswith(("perf/", "cost/")))
-        + ([COLLAPSE_KEY] if COLLAPSE_KEY in runs else [])
+        + [k for k in (COLLAPSE_KEY, SEG_COLLAPSE_KEY) if k in runs]
     )
     first = [c for c in ("arm", *point_columns(data), "seed", "status", "wall_s") if c in runs]
     first = list(dict.fromkeys(first))
@@ -123,7 +124,7 @@ def missing_items(data: SweepData, metric: str) -> tuple[list[str], list[str]]:
                 f"routing/entropy history absent from {len(lacking)} FINISHED MoPE run(s) (Fig. 6, "
                 "Fig. 7 and the importance-loss claim need it)"
             )
-    if len(fin) and COLLAPSE_KEY not in fin:
+    if len(fin) and COLLAPSE_KEY not in fin and SEG_COLLAPSE_KEY not in fin:
         missing.append(
             f"{COLLAPSE_KEY} not logged by these runs (trained before the collapse detector): a run that "
             "predicts one class cannot be told apart from a learning one"
@@ -137,10 +138,11 @@ def missing_items(data: SweepData, metric: str) -> tuple[list[str], list[str]]:
         )
     col = runs[runs["collapsed"].fillna(False).astype(bool)]
     for _, r in col.iterrows():
-        warnings.append(
-            f"{r['label']} seed {r['seed']}: collapsed (predicts one class for "
-            f"{float(r[COLLAPSE_KEY]):.1%} of val): a failed run, not a result of the method"
-        )
+        if pd.notna(r.get(COLLAPSE_KEY)):
+            what = f"predicts one class for {float(r[COLLAPSE_KEY]):.1%} of val"
+        else:  # segmentation: its masks miss the referred object
+            what = f"its masks miss the referred object on {float(r[SEG_COLLAPSE_KEY]):.1%} of val"
+        warnings.append(f"{r['label']} seed {r['seed']}: collapsed ({what}): a failed run, not a result of the method")
     return missing, warnings
 
 

@@ -320,6 +320,7 @@ def fmt_mean_std(mean: float, std: float, n: int, digits: int = 3) -> str:
 
 __all__ = [
     "COLLAPSE_KEY",
+    "SEG_COLLAPSE_KEY",
     "COLLAPSE_THRESHOLD",
     "CONFIG_KEYS",
     "DATA_WAIT_KEY",

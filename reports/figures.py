@@ -115,18 +115,20 @@ def fig_masks(data: SweepData, runs: pd.DataFrame, rows: int = MASK_ROWS) -> Fig
     cols = 2 + len(arms)
     fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.9 * n + 0.3), squeeze=False)
 
-    def overlay(ax, img, mask, color):
-        ax.imshow(img)
-        rgba = np.zeros((*mask.shape, 4))
-        rgba[mask > 0] = (*matplotlib.colors.to_rgb(color), 0.55)
-        ax.imshow(rgba)
+    def spotlight(ax, img, mask):
+        """The image at full brightness inside `mask` and dimmed to a quarter outside: a tint would blend with the
+        objects' own colours (a yellow mask over a yellow shape vanishes), a spotlight reads the same on any image."""
+        im = np.asarray(img, dtype=np.float32)
+        im = im / 255.0 if im.max() > 1.0 else im
+        keep = (np.asarray(mask) > 0)[..., None] if im.ndim == 3 else np.asarray(mask) > 0
+        ax.imshow(np.where(keep, im, 0.25 * im), interpolation="nearest")
 
     for i in range(n):
         k = ref["keys"][i]
         img, gt = ref["image"][i], ref["mask"][i]
-        axes[i][0].imshow(img)
+        axes[i][0].imshow(img, interpolation="nearest")
         axes[i][0].set_title(_wrap(ref["texts"][i]), fontsize=7)
-        overlay(axes[i][1], img, gt, "#ffd400")
+        spotlight(axes[i][1], img, gt)
         axes[i][1].set_title("ground truth" if i == 0 else "", fontsize=8)
         for j, (run_id, r) in enumerate(arms):
             ex = data.mask_examples[run_id]
@@ -135,9 +137,12 @@ def fig_masks(data: SweepData, runs: pd.DataFrame, rows: int = MASK_ROWS) -> Fig
                 continue
             idx = ex["keys"].index(k)
             meth = str(r.get("method.name"))
-            overlay(axes[i][2 + j], img, ex["prob"][idx] > 127, COLORS.get(meth, FALLBACK[j % len(FALLBACK)]))
+            spotlight(axes[i][2 + j], img, ex["prob"][idx] > 127)
             if gt.any():  # the ground truth's outline over every prediction
-                axes[i][2 + j].contour(gt, levels=[0.5], colors="white", linewidths=0.8)
+                axes[i][2 + j].contour(gt, levels=[0.5], colors="white", linewidths=0.9)
+            for side in axes[i][2 + j].spines.values():  # the arm's colour on the frame, as in the other figures
+                side.set_edgecolor(COLORS.get(meth, FALLBACK[j % len(FALLBACK)]))
+                side.set_linewidth(2.0)
             head = f"{METHOD_NAMES.get(meth, meth)} (s{fmt_value(r.get('seed'))})\n" if i == 0 else ""
             axes[i][2 + j].set_title(f"{head}IoU {ex['iou'][idx]:.2f}", fontsize=7)
     for ax in axes.flat:
@@ -147,8 +152,9 @@ def fig_masks(data: SweepData, runs: pd.DataFrame, rows: int = MASK_ROWS) -> Fig
     fig.tight_layout()
     caption = (
         f"The first {n} val samples in the split's fixed order (not picked): the image with its referring expression, "
-        "the ground-truth mask (yellow), and each arm's prediction (sigmoid > 0.5, the ground truth outlined in "
-        "white) of its lowest-seed run with the adapter selected on val, with that sample's IoU."
+        "the ground-truth mask, and each arm's prediction (sigmoid > 0.5) of its lowest-seed run with the adapter "
+        "selected on val, with that sample's IoU. A mask is shown lit and the rest of the image dimmed; each "
+        "prediction is framed in its arm's colour with the ground truth outlined in white."
     )
     return Figure(key, title, caption, fig)
 

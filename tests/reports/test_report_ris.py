@@ -128,3 +128,16 @@ def test_mope_below_chance_is_not_supported(tmp_path):
 def test_examples_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="examples.safetensors"):
         read(tmp_path)
+
+
+def test_segmentation_collapse_uses_miss_frac(tmp_path):
+    """val/miss_frac is the segmentation runs' collapse detector: its presence is not reported missing, and a run
+    whose masks miss the object on >= 99% of val is flagged as collapsed with that share."""
+    data = _data(tmp_path, examples=False)
+    rep = build_report(data, tmp_path / "r3")
+    assert not any("collapse detector" in m for m in rep.missing)
+    assert not any("collapsed" in w for w in rep.warnings)
+    data.runs.loc[data.runs["run_id"] == "r0_1", "val/miss_frac"] = 0.995
+    rep = build_report(data, tmp_path / "r4")
+    hit = [w for w in rep.warnings if "collapsed" in w]
+    assert len(hit) == 1 and "mope seed 1" in hit[0] and "miss the referred object on 99.5% of val" in hit[0]
