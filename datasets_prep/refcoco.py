@@ -16,25 +16,29 @@ The pickle is read by an unpickler that refuses every global (a plain refs pickl
 ints), so a planted payload cannot run; Python-2 ``str`` is read as latin-1 and UTF-8 byte strings are repaired.
 The CRIS-style LMDB (pyarrow-serialised records, ``pa.deserialize``, unreadable by modern pyarrow) is not an input.
 
-Samples: one per ref (object), key ``ref_id``, written grouped by image (sorted by ``image_id``, then ``ref_id``;
-not shuffled, so the image can be cached for its group), task ``segmentation``. Members: the image (``jpg``; the
-original JPEG bytes when its longer side is at most ``max_side``, else downscaled once per image and re-encoded as
-JPEG q=95; the same bytes for every ref of that image), ``mask.png`` (the object's mask from the COCO polygons / RLE
-through pycocotools, 0/255 single-channel, resized with nearest to the stored image's size), ``txt`` (the ref's
-sentences, one per line) and ``json``: ``{"id": ref_id, "label": [category index], "ref_id", "ann_id", "image_id",
-"category_id", "category", "sentences": [{"sent", "raw", "tokens", "sent_id"}], "bbox", "iscrowd", "file_name",
-"orig_size": [h, w], "size": [h, w]}``. Labels are the COCO category names sorted by category id; ``label`` is a
-one-element list because the writer's contract for every task but ``single_label`` is a list of indices.
+Samples: in ``train`` one per ref (object), key ``ref_id``, with all its sentences (the loader draws one per visit,
+seeded by (seed, epoch, key), as LAVT trains); in ``val`` / ``testA`` / ``testB`` one per (ref, sentence), key
+``<ref_id>_<i>``, because the benchmarks score every expression (RefCOCO val 10,834 / testA 5,657 / testB 5,095
+expressions). Written grouped by image (sorted by ``image_id``, then ``ref_id``; not shuffled, so the image can be
+cached for its group), task ``segmentation``. Members: the image (``jpg``; the original JPEG bytes when its longer side
+is at most ``max_side``, else downscaled once per image and re-encoded as JPEG q=95; the same bytes for every ref of
+that image), ``mask.png`` (the object's mask from the COCO polygons / RLE through pycocotools, 0/255 single-channel,
+resized with nearest to the stored image's size), ``txt`` (the ref's sentences, one per line; an evaluation sample's
+one sentence) and ``json``: ``{"id": ref_id, "label": [category index], "ref_id", "ann_id", "image_id", "category_id",
+"category", "sentences": [{"sent", "raw", "tokens", "sent_id"}], "bbox", "iscrowd", "file_name", "orig_size": [h, w],
+"size": [h, w]}`` (evaluation samples add ``"sent_index"``). Labels are the COCO category names sorted by category id;
+``label`` is a one-element list because the writer's contract for every task but ``single_label`` is a list of indices.
 
 Cost of self-contained samples: a streamed sample must carry its image, so each image is stored once per ref of it,
 ~2.5 times on average (RefCOCO: 50,000 objects on 19,994 images): about 2.5x the size of the COCO images used
 (~8 GB for RefCOCO at the original COCO resolution, which ``max_side=640`` keeps).
 
-Split sizes (refs): RefCOCO train 42,404 / val 3,811 / testA 1,975 / testB 1,810; RefCOCO+ 42,278 / 3,805 / 1,975 /
-1,798. Bad inputs are errors naming the file and ``ref_id`` (skipped and counted with ``--skip-bad``): missing or
-undecodable image, image size differing from ``instances.json``, ref with an unknown ``ann_id`` / ``image_id`` /
-category, no sentences, broken polygon (odd length, fewer than 3 points, empty), malformed RLE, empty mask. A
-missing, truncated or refused pickle and a missing or invalid ``instances.json`` stop the conversion (named).
+Split sizes (samples): RefCOCO train 42,404 refs / val 10,834 / testA 5,657 / testB 5,095 expressions (of 3,811 / 1,975
+/ 1,810 refs); RefCOCO+ 42,278 refs / 10,758 / 5,726 / 4,889 expressions (of 3,805 / 1,975 / 1,798 refs). Bad inputs
+are errors naming the file and ``ref_id`` (skipped and counted with ``--skip-bad``): missing or undecodable image,
+image size differing from ``instances.json``, ref with an unknown ``ann_id`` / ``image_id`` / category, no sentences,
+broken polygon (odd length, fewer than 3 points, empty), malformed RLE, empty mask. A missing, truncated or refused
+pickle and a missing or invalid ``instances.json`` stop the conversion (named).
 
 Options: ``images`` (directory of the COCO_train2014 JPEGs), ``max_side`` (640; 0 = original bytes always),
 ``splits`` (``train,val,testA,testB``), ``min_shards`` (32).
@@ -67,7 +71,7 @@ from .writer import (
     write_dataset,
 )
 
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"  # 2: evaluation splits one sample per (ref, sentence)
 TASK = "segmentation"
 SPLITS = ("train", "val", "testA", "testB")
 REFS_FILE = "refs(unc).p"
@@ -83,12 +87,23 @@ class Variant:
     dataset: str  # the dataset name in the shards (a safe key)
     raw_dir: str  # the release's directory under --src
     expected: dict[str, int]  # refs per split in the full release (docs/mope-reference.md)
+    expressions: dict[str, int]  # sentences per split in the full release (CRIS / LAVT papers' split tables)
 
 
 VARIANTS = {
-    "refcoco": Variant("refcoco", "refcoco", "refcoco", {"train": 42404, "val": 3811, "testA": 1975, "testB": 1810}),
+    "refcoco": Variant(
+        "refcoco",
+        "refcoco",
+        "refcoco",
+        {"train": 42404, "val": 3811, "testA": 1975, "testB": 1810},
+        {"train": 120624, "val": 10834, "testA": 5657, "testB": 5095},
+    ),
     "refcoco+": Variant(
-        "refcoco+", "refcoco_plus", "refcoco+", {"train": 42278, "val": 3805, "testA": 1975, "testB": 1798}
+        "refcoco+",
+        "refcoco_plus",
+        "refcoco+",
+        {"train": 42278, "val": 3805, "testA": 1975, "testB": 1798},
+        {"train": 120191, "val": 10758, "testA": 5726, "testB": 4889},
     ),
 }
 
@@ -165,7 +180,7 @@ def _sentences(ref: dict) -> list[dict] | None:
     for s in ref.get("sentences") or ():
         if not isinstance(s, dict):
             return None
-        sent = fix_text(s.get("sent") or s.get("raw") or "").strip()
+        sent = " ".join(fix_text(s.get("sent") or s.get("raw") or "").split())  # one line: txt holds one per line
         if not sent:
             continue
         out.append(
@@ -200,8 +215,16 @@ class Catalog:
         return cls(images, anns, {c["id"]: i for i, c in enumerate(cats)}, labels)
 
 
+def _skip(bad: BadInputs, n: int, reason: str, where: str, detail: str = "") -> None:
+    """A bad ref counts as the samples it would have given: 1 in train, one per sentence in evaluation splits (the
+    writer counts a ref failing while written the same way, once per sample)."""
+    for j in range(n):
+        bad.add(reason, where if n == 1 else f"{where} sentence {j}", detail)
+
+
 def plan_splits(refs: list, cat: Catalog, refs_path: Path, want: list[str], skip_bad: bool) -> dict[str, SplitPlan]:
-    """Refs -> one :class:`SplitPlan` per wanted split: entries sorted by (image_id, ref_id); bad refs recorded."""
+    """Refs -> one :class:`SplitPlan` per wanted split: entries sorted by (image_id, ref_id[, sentence]); bad refs
+    recorded. Train entries are refs, evaluation entries (ref, sentence) pairs (module docstring)."""
     bads = {s: BadInputs(skip_bad) for s in want}
     entries: dict[str, list[dict]] = {s: [] for s in want}
     seen: set[int] = set()
@@ -213,37 +236,42 @@ def plan_splits(refs: list, cat: Catalog, refs_path: Path, want: list[str], skip
         if split not in bads:
             continue  # another split (or one not asked for)
         bad, where = bads[split], f"{refs_path}: ref_id {rid}"
+        n = 1 if split == "train" else max(1, len(_sentences(ref) or ()))  # the samples this ref would give
         ann_id, image_id = _int(ref.get("ann_id")), _int(ref.get("image_id"))
         if rid in seen:
-            bad.add("duplicate ref_id", where)
+            _skip(bad, n, "duplicate ref_id", where)
             continue
         seen.add(rid)
         if ann_id not in cat.anns:
-            bad.add("unknown ann_id", where, f"ann_id {ref.get('ann_id')!r} not in {INSTANCES_FILE}")
+            _skip(bad, n, "unknown ann_id", where, f"ann_id {ref.get('ann_id')!r} not in {INSTANCES_FILE}")
             continue
         ann = cat.anns[ann_id]
         if image_id not in cat.images:
-            bad.add("unknown image_id", where, f"image_id {ref.get('image_id')!r} not in {INSTANCES_FILE}")
+            _skip(bad, n, "unknown image_id", where, f"image_id {ref.get('image_id')!r} not in {INSTANCES_FILE}")
             continue
         if ann.get("image_id") != image_id:
-            bad.add("ann_id of another image", where, f"ann_id {ann_id} is on image {ann.get('image_id')!r}")
+            _skip(bad, n, "ann_id of another image", where, f"ann_id {ann_id} is on image {ann.get('image_id')!r}")
             continue
         cid = _int(ann.get("category_id"))
         if cid not in cat.cat_index:
-            bad.add("unknown category", where, f"category_id {ann.get('category_id')!r} not in {INSTANCES_FILE}")
+            _skip(bad, n, "unknown category", where, f"category_id {ann.get('category_id')!r} not in {INSTANCES_FILE}")
             continue
         sents = _sentences(ref)
         if sents is None:
-            bad.add("malformed sentences", where)
+            _skip(bad, n, "malformed sentences", where)
             continue
         if not sents:
-            bad.add("no sentences", where)
+            _skip(bad, n, "no sentences", where)
             continue
         e = {"ref_id": rid, "ann_id": ann_id, "image_id": image_id, "category_id": cid, "sentences": sents}
-        entries[split].append({**e, "where": where})
+        if split == "train":  # one sample per object, its sentences drawn per visit by the loader
+            entries[split].append({**e, "where": where})
+        else:  # one sample per expression: the benchmarks score every sentence
+            for j, sent in enumerate(sents):
+                entries[split].append({**e, "sentences": [sent], "sent_index": j, "where": f"{where} sentence {j}"})
     return {
         s: SplitPlan(
-            sorted(entries[s], key=lambda e: (e["image_id"], e["ref_id"])),
+            sorted(entries[s], key=lambda e: (e["image_id"], e["ref_id"], e.get("sent_index", 0))),
             bads[s],
             {"raw_file": str(refs_path.relative_to(refs_path.parent.parent)), "order": "image_id, ref_id"},
         )
@@ -360,6 +388,7 @@ class RefSamples:
     img_dir: Path
     max_side: int
     _cached: tuple[int, tuple] | None = field(default=None, repr=False)  # (image_id, ("ok", ...) | ("bad", ...))
+    _mask: tuple[tuple[int, tuple], bytes] | None = field(default=None, repr=False)  # ((ann_id, size), mask.png)
 
     def image_path(self, image_id: int) -> Path:
         name = self.cat.images[image_id].get("file_name") or IMAGE_NAME.format(image_id)
@@ -398,9 +427,11 @@ class RefSamples:
         ext, img, stored = self.image(e["image_id"])
         info, ann = self.cat.images[e["image_id"]], self.cat.anns[e["ann_id"]]
         h, w = int(info["height"]), int(info["width"])
-        m = decode_segmentation(ann.get("segmentation"), h, w)
-        if not m.any():
-            raise PrepError(f"empty mask (ann_id {e['ann_id']})", reason="empty mask")
+        if self._mask is None or self._mask[0] != (e["ann_id"], stored):  # an object's sentences follow each other
+            m = decode_segmentation(ann.get("segmentation"), h, w)
+            if not m.any():
+                raise PrepError(f"empty mask (ann_id {e['ann_id']})", reason="empty mask")
+            self._mask = ((e["ann_id"], stored), mask_png(m, stored))
         meta = {
             "id": e["ref_id"],
             "label": [self.cat.cat_index[e["category_id"]]],
@@ -416,8 +447,12 @@ class RefSamples:
             "orig_size": [h, w],
             "size": [stored[1], stored[0]],
         }
-        members = {ext: img, MASK_EXT: mask_png(m, stored), "txt": "\n".join(s["sent"] for s in e["sentences"])}
-        return Record(sanitize_key(str(e["ref_id"])), members, meta)
+        key = str(e["ref_id"])
+        if "sent_index" in e:
+            meta["sent_index"] = e["sent_index"]
+            key = f"{key}_{e['sent_index']}"
+        members = {ext: img, MASK_EXT: self._mask[1], "txt": "\n".join(s["sent"] for s in e["sentences"])}
+        return Record(sanitize_key(key), members, meta)
 
 
 def _find_images_dir(src: Path) -> Path:
@@ -480,7 +515,10 @@ def convert_variant(
         skip_bad=skip_bad,
         seed=None,  # type: ignore[arg-type]  # keep the image grouping (the cache relies on it)
         info_extra={"raw_release": f"{variant.raw_dir}/{REFS_FILE}", "max_side": int(max_side)},
-        summary_extra={"expected": {s: variant.expected[s] for s in want}},
+        summary_extra={
+            "expected": {s: variant.expected[s] for s in want},
+            "expected_samples": {s: variant.expected[s] if s == "train" else variant.expressions[s] for s in want},
+        },
     )
 
 

@@ -97,20 +97,34 @@ def test_refcoco_convert(replica, tmp_path, max_side):
     inst = _instances(replica)
     anns = {a["id"]: a for a in inst["annotations"]}
     images = {im["id"]: im for im in inst["images"]}
-    want = {sp: sum(r["split"] == sp for r in refs.values()) for sp in SPLITS}
+    # train: one sample per ref; val / testA / testB: one per (ref, sentence), as the benchmarks score them
+    want = {
+        sp: sum((1 if sp == "train" else len(r["sentences"])) for r in refs.values() if r["split"] == sp)
+        for sp in SPLITS
+    }
     assert s["splits"] == want and all(want.values()) and s["skipped"] == dict.fromkeys(SPLITS, 0)
+    assert want["val"] > sum(r["split"] == "val" for r in refs.values())  # the replica has multi-sentence refs
     assert s["expected"] == VARIANTS["refcoco"].expected
+    assert s["expected_samples"]["val"] == 10834 and s["expected_samples"]["train"] == 42404
     info = json.loads((out / "dataset.json").read_text())
     assert info["task"] == "segmentation" and info["labels"] == ["person", "car", "dog", "chair"]
     seen_kinds, image_bytes = set(), defaultdict(set)
     for sp in SPLITS:
         samples = read_split_wds(out / sp)
         metas = [json.loads(x["json"]) for x in samples]
-        assert [(m["image_id"], m["ref_id"]) for m in metas] == sorted((m["image_id"], m["ref_id"]) for m in metas)
+        order = [(m["image_id"], m["ref_id"], m.get("sent_index", 0)) for m in metas]
+        assert order == sorted(order)
+        if sp != "train":  # every sentence of every ref of the split, once
+            got = sorted((m["ref_id"], m["sent_index"]) for m in metas)
+            assert got == sorted(
+                (r["ref_id"], j) for r in refs.values() if r["split"] == sp for j in range(len(r["sentences"]))
+            )
         for smp, meta in zip(samples, metas):
             r, ann = refs[meta["id"]], anns[meta["ann_id"]]
             im = images[r["image_id"]]
-            assert smp["__key__"] == str(r["ref_id"]) and r["split"] == sp
+            sents = r["sentences"] if sp == "train" else [r["sentences"][meta["sent_index"]]]
+            key = str(r["ref_id"]) if sp == "train" else f"{r['ref_id']}_{meta['sent_index']}"
+            assert smp["__key__"] == key and r["split"] == sp
             assert [meta[k] for k in ("ann_id", "image_id", "category_id")] == [
                 r["ann_id"],
                 im["id"],
@@ -122,10 +136,9 @@ def test_refcoco_convert(replica, tmp_path, max_side):
                 == {1: "person", 3: "car", 18: "dog", 62: "chair"}[r["category_id"]]
             )
             assert meta["sentences"] == [
-                {"sent": x["sent"], "raw": x["raw"], "tokens": x["tokens"], "sent_id": x["sent_id"]}
-                for x in r["sentences"]
+                {"sent": x["sent"], "raw": x["raw"], "tokens": x["tokens"], "sent_id": x["sent_id"]} for x in sents
             ]
-            assert smp["txt"].decode() == "\n".join(x["sent"] for x in r["sentences"])
+            assert smp["txt"].decode() == "\n".join(x["sent"] for x in sents)
             size = _size(smp["jpg"])
             assert meta["orig_size"] == [im["height"], im["width"]] and meta["size"] == [size[1], size[0]]
             if max_side >= max(im["width"], im["height"]):
@@ -167,7 +180,10 @@ def test_refcoco_plus_cli_and_verify(tmp_path, capsys):
     assert main([*argv, "--opt", "splits=train,val"]) == 0
     summary = json.loads(capsys.readouterr().out)
     refs = _refs(src, "refcoco+")
-    assert summary["splits"] == {sp: sum(r["split"] == sp for r in refs) for sp in ("train", "val")}
+    assert summary["splits"] == {
+        "train": sum(r["split"] == "train" for r in refs),
+        "val": sum(len(r["sentences"]) for r in refs if r["split"] == "val"),
+    }
     assert read_manifest(out / "train")["dataset"] == "refcoco_plus"
     assert main(["--verify", str(out)]) == 0
     assert "OK" in capsys.readouterr().out
@@ -264,21 +280,27 @@ def _set_segmentation(raw: Path, ann_id: int, seg) -> None:
     (raw / "refcoco" / "instances.json").write_text(json.dumps(inst))
 
 
+def _samples(ref: dict) -> int:
+    """The samples a ref gives: one in train, one per sentence in val / testA / testB."""
+    return 1 if ref["split"] == "train" else len(ref["sentences"])
+
+
 def _break(raw: Path, case: str, split: str = "val") -> tuple[int, int, str]:
-    """Break the replica; returns (ref_id, number of refs skipped, what the error names besides the ref)."""
+    """Break the replica; returns (ref_id, number of samples skipped, what the error names besides the ref).
+    An evaluation-split ref gives one sample per sentence, so it is skipped once per sentence."""
     ref = _first_ref(raw, split, kind="any" if case in ("missing image", "unknown ann_id") else "polygon")
     inst = _instances(raw)
     im = next(i for i in inst["images"] if i["id"] == ref["image_id"])
     h, w = im["height"], im["width"]
     if case == "missing image":
         (raw / "images" / "train2014" / im["file_name"]).unlink()
-        n = sum(r["image_id"] == ref["image_id"] for r in _refs(raw))
+        n = sum(_samples(r) for r in _refs(raw) if r["image_id"] == ref["image_id"] and r["split"] == split)
         return ref["ref_id"], n, im["file_name"]
     if case == "unknown ann_id":
         refs = _refs(raw)
         next(r for r in refs if r["ref_id"] == ref["ref_id"])["ann_id"] = 987654321
         _dump_refs(raw, refs)
-        return ref["ref_id"], 1, "ann_id 987654321"
+        return ref["ref_id"], _samples(ref), "ann_id 987654321"
     seg, named = {
         "broken polygon (odd length)": ([[1.0, 1.0, 9.0, 1.0, 9.0]], "odd length 5"),
         "broken polygon (2 points)": ([[1.0, 1.0, 9.0, 9.0]], "has 2 points"),
@@ -287,7 +309,8 @@ def _break(raw: Path, case: str, split: str = "val") -> tuple[int, int, str]:
         "malformed RLE": ({"counts": [5, 3], "size": [h, w]}, "run lengths sum to 8"),
     }[case]
     _set_segmentation(raw, ref["ann_id"], seg)
-    return ref["ref_id"], 1, named
+    n = sum(_samples(r) for r in _refs(raw) if r["ann_id"] == ref["ann_id"] and r["split"] == split)
+    return ref["ref_id"], n, named
 
 
 BAD_CASES = [
@@ -303,7 +326,7 @@ BAD_CASES = [
 
 @pytest.mark.parametrize(("case", "reason"), BAD_CASES, ids=[c for c, _ in BAD_CASES])
 def test_bad_input_named_and_counted(raw, tmp_path, case, reason):
-    good = sum(r["split"] == "val" for r in _refs(raw))
+    good = sum(len(r["sentences"]) for r in _refs(raw) if r["split"] == "val")
     ref_id, n_bad, named = _break(raw, case)
     with pytest.raises(PrepError) as ei:
         _convert(raw, tmp_path / "o1", splits="val")
@@ -319,7 +342,7 @@ def test_bad_input_named_and_counted(raw, tmp_path, case, reason):
 
 def test_all_bad_inputs_at_once(raw, tmp_path):
     """Several kinds of bad input in one release (one split each): each skipped and counted under its reason."""
-    total = len(_refs(raw))
+    total = sum(_samples(r) for r in _refs(raw))
     cases = {"train": ("unknown ann_id", "unknown ann_id"), "val": ("broken polygon (odd length)", "broken polygon")}
     cases["testA"] = ("empty mask", "empty mask")
     cases["testB"] = ("missing image", "missing image")
