@@ -79,6 +79,7 @@ from .format import (
     shard_paths,
 )
 from .pipeline import (
+    ExpandExpressions,
     Listed,
     MapStage,
     RankResampledShards,
@@ -151,16 +152,18 @@ class StreamingTrainLoader(EpochIterable):
             1, int(cfg.min_batches_per_epoch or 1), self.num_samples // (world_size * cfg.batch_size)
         )
         self.source = RankResampledShards(self.rank_shards, seed=cfg.seed, rank=rank)
+        self.processor = SampleProcessor(cfg, info, train=True)
         self.dataset = wds.DataPipeline(
             self.source,
             TarSamples(shard_digests(split_dir, m)),
             WorkerShuffle(cfg.shuffle_buffer, cfg.seed, rank, self.source),
-            MapStage(SampleProcessor(cfg, info, train=True)),
+            MapStage(self.processor),
             Listed(max(1, min(cfg.inner_batch, cfg.batch_size)), partial=False),
         )
 
     def _iter_epoch(self, epoch: int):
         self.source.epoch = epoch  # copied into the (non-persistent) workers when the DataLoader starts them
+        self.processor.epoch = epoch  # likewise (which expression of a referring sample this epoch uses)
         cfg = self.cfg
         loader = wds.WebLoader(
             self.dataset,
@@ -225,6 +228,7 @@ class FewShotTrainLoader(EpochIterable):
 
     def _iter_epoch(self, epoch: int):
         cfg = self.cfg
+        self.dataset.processor.epoch = epoch
         batches = equal_split_indices(
             self.num_samples,
             cfg.batch_size,
@@ -293,6 +297,8 @@ class EvalLoader:
             raise ValueError(f"LoaderConfig.eval_split={cfg.eval_split!r}: use 'auto', 'shard' or 'sample'")
         self.mode, self.cfg, self.rank, self.split = mode, cfg, rank, split
         self.num_workers = min(cfg.num_workers, n_src)
+        if info.task == "segmentation":  # one sample per expression (``num_samples`` counts the stored samples)
+            stages.append(ExpandExpressions())
         self.dataset = wds.DataPipeline(
             *stages,
             MapStage(SampleProcessor(cfg, info, train=False)),

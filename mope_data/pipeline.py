@@ -25,7 +25,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from .config import LoaderConfig
 from .format import open_verified
-from .transforms import collate
+from .transforms import collate, expression_key, expressions
 
 __all__ = [
     "Listed",
@@ -215,6 +215,21 @@ class SelectByIndex:
             i += 1
             if g % self.world == self.rank:
                 yield s
+
+
+class ExpandExpressions:
+    """Evaluation of referring segmentation: a sample with several expressions (``txt`` lines) becomes one sample per
+    expression, key :func:`~mope_data.transforms.expression_key` (the benchmarks score every expression; a RefCOCO
+    train split read for a feature cache yields the keys its training draws). Single-expression samples pass."""
+
+    def __call__(self, src):
+        for s in src:
+            lines = expressions(s["txt"].decode("utf-8")) if "txt" in s else []
+            if len(lines) <= 1:
+                yield s
+                continue
+            for i, line in enumerate(lines):
+                yield {**s, "__key__": expression_key(s["__key__"], i), "txt": line.encode("utf-8")}
 
 
 class MapStage:

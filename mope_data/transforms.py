@@ -180,8 +180,24 @@ def _grey_image(name: str, cfg: LoaderConfig, info: DatasetInfo):
 TOKEN_MEMO_SIZE = 65536  # texts whose tokens a SampleProcessor keeps (per loader worker)
 
 
+def expressions(text: str) -> list[str]:
+    """A referring-segmentation sample's expressions: the non-empty lines of its ``txt`` (a RefCOCO train sample holds
+    all sentences of its object, one per line)."""
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def expression_key(key: str, i: int) -> str:
+    """The key of expression ``i`` of a sample with several: ``<key>#s<i>``, the same in training (one drawn per
+    visit) and evaluation (one sample each), so a feature cache built over the expanded split serves both."""
+    return f"{key}#s{i}"
+
+
 class SampleProcessor:
-    """Raw webdataset sample (bytes per extension) -> dict of decoded fields. Runs in the loader workers."""
+    """Raw webdataset sample (bytes per extension) -> dict of decoded fields. Runs in the loader workers.
+
+    ``epoch`` (set by the training loaders before each epoch's workers start) seeds the one thing that varies per
+    visit without randomness in the transform: which expression of a multi-expression segmentation sample is used,
+    ``stable_seed("expression", seed, epoch, key) % n``, independent of worker count and order."""
 
     def __init__(self, cfg: LoaderConfig, info: DatasetInfo, train: bool):
         self.cfg = cfg
@@ -200,11 +216,21 @@ class SampleProcessor:
         self.segmentation = info.task == "segmentation"
         self.mask_transform = mask_transform(cfg, info) if self.segmentation else None
         self._token_memo: dict[str, tuple] = {}
+        self.epoch = 0
+        from .pipeline import stable_seed  # pipeline imports this module
+
+        self._stable_seed = stable_seed
 
     def __call__(self, s: dict) -> dict:
         from PIL import Image
 
         key = s["__key__"]
+        text = s["txt"].decode("utf-8") if "txt" in s else ""
+        if self.segmentation and self.train:
+            lines = expressions(text)
+            if len(lines) > 1:  # evaluation gets one sample per expression (ExpandExpressions), training draws one
+                i = self._stable_seed("expression", self.cfg.seed, self.epoch, key) % len(lines)
+                text, key = lines[i], expression_key(key, i)
         out: dict[str, Any] = {"key": key}
         meta = json.loads(s["json"]) if "json" in s else {}
         if "label" not in meta:
@@ -213,7 +239,7 @@ class SampleProcessor:
         if self.segmentation:  # the category ([index]) rides along for analysis; the target is the mask
             out["label"] = int(lab[0] if isinstance(lab, list) else lab)
             out["mask"] = self._mask(s, key)
-            out["text"] = s["txt"].decode("utf-8") if "txt" in s else ""  # the expression, for the mask figure
+            out["text"] = text  # the expression, for the mask figure
         elif self.multi:
             y = torch.zeros(self.info.num_classes, dtype=torch.float32)
             y[list(lab)] = 1.0
@@ -228,7 +254,6 @@ class SampleProcessor:
                 with Image.open(io.BytesIO(data)) as im:
                     img = im.convert("RGB")
             out["image"] = self.transform(img)
-        text = s["txt"].decode("utf-8") if "txt" in s else ""
         ids, mask, types, pad = self._tokens(text)
         out["input_ids"], out["attention_mask"], out["token_type_ids"] = list(ids), list(mask), list(types)
         out["pad_id"] = pad
