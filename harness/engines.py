@@ -165,6 +165,7 @@ def evaluate(engine, loader, task: Task, cache: FeatureCache | None, split: str,
         res.update(seg_metrics(p, y))
         # collapse detector of segmentation: the share of samples whose predicted mask misses the object entirely
         res["miss_frac"] = float(((p == 0) & (y > 0)).double().mean()) if len(p) else 0.0
+        res["inter_px"], res["union_px"] = float(p.double().sum()), float(y.double().sum())  # pooled oIoU over splits
         return res
     res["pred_class_frac_max"] = pred_class_frac_max(p)
     if task == Task.MULTI_LABEL:

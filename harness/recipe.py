@@ -541,6 +541,10 @@ class TrainingRun:
                 for k in ("miou", "prec50", "prec70", "prec90", "acc", "loss"):
                     if all(k in scores[sp] for sp in held_out):
                         out[f"final/test_{k}{suffix}"] = sum(scores[sp][k] * scores[sp]["n"] for sp in held_out) / n
+                if all("union_px" in scores[sp] for sp in held_out):  # oIoU pools the pixels, not the two ratios
+                    union = sum(scores[sp]["union_px"] for sp in held_out)
+                    inter = sum(scores[sp]["inter_px"] for sp in held_out)
+                    out[f"final/test_oiou{suffix}"] = inter / max(union, 1.0)
             return out
 
         last = score_all()

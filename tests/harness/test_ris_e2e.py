@@ -79,6 +79,9 @@ def test_prep_then_train_refcoco_logs_every_split(refcoco_shards, tmp_path, monk
     n = {sp: read_manifest(refcoco_shards / sp)["num_samples"] for sp in ("testA", "testB")}
     want = (m["final/testA_miou"] * n["testA"] + m["final/testB_miou"] * n["testB"]) / (n["testA"] + n["testB"])
     assert m["final/test_miou"] == pytest.approx(want, abs=1e-6)  # size-weighted over the expressions
+    inter = m["final/testA_inter_px"] + m["final/testB_inter_px"]
+    assert m["final/test_oiou"] == pytest.approx(inter / (m["final/testA_union_px"] + m["final/testB_union_px"]))
+    assert m["final/testA_oiou"] == pytest.approx(m["final/testA_inter_px"] / m["final/testA_union_px"])
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "mask_examples" in arts
     # psi is the frozen MiniLM's: cached once; the train cache holds every expression under the key training draws
