@@ -95,6 +95,13 @@ _TRANSIENT_TEXT = (
 _HTTP_5XX = re.compile(r"error code 5\d\d")
 
 
+def is_unique_violation(err: BaseException) -> bool:
+    """A store's unique-key violation (SQLite ``UNIQUE constraint failed``, PostgreSQL ``duplicate key value``, MySQL
+    ``Duplicate entry``), as MLflow's sqlalchemy store raises it under concurrent inserts of the same row."""
+    text = str(err)
+    return any(m in text for m in ("UNIQUE constraint failed", "duplicate key value", "Duplicate entry"))
+
+
 def is_transient_store_error(e: BaseException) -> bool:
     """True when `e` says the store is unreachable or busy (retry later), not that the request is wrong."""
     if isinstance(e, (ConnectionError, TimeoutError)):
@@ -698,8 +705,19 @@ class MLflowTracker:
             )
             for d in datasets
         ]
-        if inputs:
-            self._retrying(self.client.log_inputs, self._run_id, inputs)
+        for attempt in range(5):
+            if not inputs:
+                return
+            try:
+                self._retrying(self.client.log_inputs, self._run_id, inputs)
+                return
+            except Exception as e:
+                # two trials starting together both find the dataset row absent and both insert it: the loser's
+                # transaction fails on the store's unique key (MLflow's sqlalchemy store checks, then inserts). The
+                # row exists now, so the same call again only links this run to it.
+                if attempt == 4 or not is_unique_violation(e):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def _retrying(self, fn: Any, *args: Any) -> Any:
         """Calls `fn`, retrying with backoff while the store is unavailable (up to :attr:`retry_s`); used where the

@@ -192,3 +192,38 @@ def test_resume_clears_the_previous_attempts_error(uri):
     assert again.run_id == t.run_id
     run = again.client.get_run(again.run_id)
     assert run.info.status == "RUNNING" and "harness.error" not in run.data.tags
+
+
+def test_trials_starting_together_log_the_same_dataset_inputs(uri):
+    """Runs that start at the same moment log the same shards as inputs: MLflow's store checks for the dataset row,
+    then inserts it, so concurrent loggers collide on its unique key; every run must still end up linked to it."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    n = 6
+    trackers = [MLflowTracker.open(uri, "mope-test", f"trial-{i}", f"sweep-x/p/{i}") for i in range(n)]
+    datasets = [
+        {"name": f"demo/{sp}", "digest": f"{sp}-digest", "source": f"/data/demo/{sp}", "context": sp}
+        for sp in ("train", "val", "test")
+    ]
+    gate, errors = threading.Barrier(n), []
+
+    def log(t):
+        gate.wait()
+        try:
+            t.log_datasets(datasets)
+        except Exception as e:  # surfaced below with the run
+            errors.append(e)
+
+    threads = [threading.Thread(target=log, args=(t,)) for t in trackers]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    client = MlflowClient(uri)
+    for t in trackers:
+        names = sorted(d.dataset.name for d in client.get_run(t.run_id).inputs.dataset_inputs)
+        assert names == ["demo/test", "demo/train", "demo/val"]
+        t.finish()
