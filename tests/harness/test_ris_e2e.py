@@ -66,6 +66,7 @@ def test_prep_then_train_refcoco_logs_every_split(refcoco_shards, tmp_path, monk
             "trainer.batch_size=4",
             "trainer.threads=1",
             "trainer.num_workers=0",
+            "tracking.system_metrics_s=null",
             "deepspeed=off",  # in-process: no process group may outlive the test (sweeps run DeepSpeed in Ray workers)
         ]
     )

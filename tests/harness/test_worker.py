@@ -203,12 +203,16 @@ def test_system_metrics_are_logged_by_mlflows_monitor(small_demo, tmp_path, monk
     stopped with the run; null turns it off."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import threading
+
+    def monitors() -> set:
+        return {t for t in threading.enumerate() if "SystemMetricsMonitor" in t.name}
+
+    before = monitors()  # another in-process test's monitor is not this test's to judge
     on = train(cfg_for(small_demo, tmp_path / "on", "trainer.epochs=2", "tracking.system_metrics_s=0.5"))
     off = train(cfg_for(small_demo, tmp_path / "off", "trainer.epochs=1", "tracking.system_metrics_s=null"))
     m_on = _client(cfg_for(small_demo, tmp_path / "on")).get_run(on["run_id"]).data.metrics
     m_off = _client(cfg_for(small_demo, tmp_path / "off")).get_run(off["run_id"]).data.metrics
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(m_on), sorted(m_on)
     assert not [k for k in m_off if k.startswith("system/")]
-    import threading
-
-    assert not [t for t in threading.enumerate() if "SystemMetricsMonitor" in t.name]  # stopped with the run
+    assert not monitors() - before  # stopped with the run
