@@ -462,13 +462,24 @@ def build_demo(
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
     t0 = time.monotonic()
+    summary = build_atomically(out, lambda tmp: _build_into(tmp, cfg, shard_size=shard_size, verbose=verbose))
+    summary["seconds"] = round(time.monotonic() - t0, 1)
+    if verbose:
+        log(f"demo built in {summary['seconds']:.0f}s -> {out}")
+    return summary
+
+
+def build_atomically(out: Path, build: Callable[[Path], dict]) -> dict:
+    """``build(tmp)`` into a fresh sibling directory of `out`, then swap it in (the old build removed only after):
+    an interrupted build never leaves a half-written `out`. Directories get the umask's permissions (``mkdtemp``,
+    here and in the shard writer, makes 0700 ones). Returns what `build` returned."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
-        summary = _build_into(tmp, cfg, shard_size=shard_size, verbose=verbose)
+        summary = build(tmp)
         umask = os.umask(0o22)
         os.umask(umask)
         for d in (tmp, *(p for p in tmp.rglob("*") if p.is_dir())):
-            os.chmod(d, 0o777 & ~umask)  # mkdtemp (here and in the shard writer) makes 0700 directories
+            os.chmod(d, 0o777 & ~umask)
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
@@ -480,9 +491,6 @@ def build_demo(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    summary["seconds"] = round(time.monotonic() - t0, 1)
-    if verbose:
-        log(f"demo built in {summary['seconds']:.0f}s -> {out}")
     return summary
 
 

@@ -60,16 +60,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
-from datasets_prep.demo import _remove_stale
+from datasets_prep.demo import _remove_stale, build_atomically
 from datasets_prep.pretrain_vision import (
     TIMM_MODEL,
     PretrainConfig,
@@ -600,24 +597,7 @@ def build_ris_demo(out: Path, cfg: RisDemoConfig = RisDemoConfig(), *, shard_siz
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
     t0 = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    try:
-        summary = _build_into(tmp, cfg, shard_size=shard_size, verbose=verbose)
-        umask = os.umask(0o22)
-        os.umask(umask)
-        for d in (tmp, *(p for p in tmp.rglob("*") if p.is_dir())):
-            os.chmod(d, 0o777 & ~umask)  # mkdtemp makes 0700 directories
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
-            os.rmdir(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    summary = build_atomically(out, lambda tmp: _build_into(tmp, cfg, shard_size=shard_size, verbose=verbose))
     summary["seconds"] = round(time.monotonic() - t0, 1)
     if verbose:
         log(f"ris_demo built in {summary['seconds']:.0f}s -> {out}: {summary['splits']}")

@@ -5,11 +5,11 @@ prompts, audio + video complementary black boxes) -> MLflow."""
 
 from __future__ import annotations
 
-import io
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.train_cli import run_train as _train
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +39,6 @@ def mustard_shards(tmp_path_factory) -> Path:
     )
     assert rc == 0
     return out
-
-
-def _train(argv: list[str]) -> tuple[int, str]:
-    from harness.train_cmd import main as train_main
-
-    buf = io.StringIO()
-    with redirect_stdout(buf), redirect_stderr(buf):
-        rc = train_main(argv)
-    return rc, buf.getvalue()
 
 
 def test_prep_then_train_mustard_with_audio_and_video_logs_to_mlflow(mustard_shards, tmp_path, monkeypatch):

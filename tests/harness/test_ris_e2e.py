@@ -5,12 +5,12 @@ mask examples the report draws, and a feature cache that holds every expression 
 
 from __future__ import annotations
 
-import io
 import json
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.train_cli import run_train as _train
 
 pytest.importorskip("pycocotools")
 
@@ -33,15 +33,6 @@ def refcoco_shards(tmp_path_factory) -> Path:
         prep_main(["refcoco", "--src", str(raw), "--out", str(out), "--shard-size", "4", "--opt", "min_shards=1"]) == 0
     )
     return out
-
-
-def _train(argv: list[str]) -> tuple[int, str]:
-    from harness.train_cmd import main as train_main
-
-    buf = io.StringIO()
-    with redirect_stdout(buf), redirect_stderr(buf):
-        rc = train_main(argv)
-    return rc, buf.getvalue()
 
 
 def test_prep_then_train_refcoco_logs_every_split(refcoco_shards, tmp_path, monkeypatch):
